@@ -1,0 +1,410 @@
+"""The engine: one cached LCM-LoRA pipeline, loaded once, shared by text-to-image and image-to-image.
+
+Loading follows the diffusers docs for LCM-LoRA: `from_pretrained`, `load_lora_weights`, `fuse_lora`,
+`LCMScheduler.from_config`. Per request only the work that request needs runs: text embeddings are cached by
+prompt, and a generation can be stopped at any step boundary.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderTiny,
+    AutoPipelineForImage2Image,
+    DiffusionPipeline,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image
+
+from .device import Runtime
+from .presets import TAESD, ModelSpec
+
+
+MIN_STEPS, MAX_STEPS = 1, 8
+MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 2.0
+MIN_SIZE, MAX_SIZE = 64, 2048
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 1000  # far past 77 tokens; longer text is cut before it reaches the tokenizer
+EMBEDDING_CACHE_SIZE = 64
+
+
+class ModelLoadError(RuntimeError):
+    """A model could be neither fetched nor found; the message says which id and what to do."""
+
+
+class GenerationStopped(Exception):
+    """Raised inside a generation when its caller asked it to stop; `steps_done` UNet steps had run."""
+
+    def __init__(self, steps_done: int):
+        super().__init__(f"stopped after {steps_done} step(s)")
+        self.steps_done = steps_done
+
+
+class GenerationError(RuntimeError):
+    """A generation failed in a way the user should hear about (out of memory, NaN output)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str = ""
+    negative_prompt: str = ""  # used only when guidance_scale > 1
+    steps: int = 4
+    guidance_scale: float = 1.0
+    seed: int = 0
+    width: int | None = None  # None: the model's native size (or the input image's shape, fitted)
+    height: int | None = None
+    image: Image.Image | None = field(default=None, compare=False)  # given: image-to-image
+    strength: float = 0.5  # image-to-image only: how far from the input image to go
+    decoder: str = "auto"  # "auto" (the fast preview decoder when loaded), "full" or "tiny"
+
+    @property
+    def mode(self) -> str:
+        return "img2img" if self.image is not None else "txt2img"
+
+
+@dataclass
+class Timings:
+    text_ms: float = 0.0
+    denoise_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+    unet_steps: int = 0
+    text_cached: bool = False
+
+
+@dataclass
+class Result:
+    image: Image.Image
+    params: dict  # exactly what produced `image`; goes into the PNG text chunk
+    timings: Timings
+    latents: torch.Tensor | None = None  # (1, 4, H/8, W/8), for a later sharper decode
+    warnings: list[str] = field(default_factory=list)
+
+
+def _round8(value: float) -> int:
+    return max(MIN_SIZE, int(round(value / 8)) * 8)
+
+
+def fit_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """The size with the aspect of (width, height) and the area of side x side, in multiples of 8."""
+    scale = (side * side / (width * height)) ** 0.5
+    return min(MAX_SIZE, _round8(width * scale)), min(MAX_SIZE, _round8(height * scale))
+
+
+def _fill_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Resize to cover (width, height), then crop the centre."""
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                           Image.Resampling.LANCZOS)  # fmt: skip
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _load_error(model_id: str, what: str, error: Exception) -> ModelLoadError:
+    local = Path(model_id).exists()
+    how = (
+        f"the folder exists but is not a diffusers {what}"
+        if local
+        else f"download it once with network (`hf download {model_id}`), or pass a local folder"
+    )
+    return ModelLoadError(f"Could not load {what} '{model_id}': {type(error).__name__}: {error}. To fix: {how}.")
+
+
+def detect_family(base: str, local_files_only: bool = False) -> str:
+    """'sdxl' or 'sd15', read from the pipeline's model_index.json."""
+    try:
+        index = DiffusionPipeline.load_config(base, local_files_only=local_files_only)
+    except Exception as error:  # hub errors, missing folders, bad JSON: all mean "cannot load"
+        raise _load_error(base, "base model", error) from error
+    name = index.get("_class_name", "")
+    if "XL" in name:
+        return "sdxl"
+    if name in ("StableDiffusionPipeline", "LatentConsistencyModelPipeline", "StableDiffusionImg2ImgPipeline"):
+        return "sd15"
+    raise ModelLoadError(f"'{base}' is a {name or 'unknown pipeline'}; lcm-live runs SD 1.5 and SDXL family models.")
+
+
+def load_pipeline(spec: ModelSpec, runtime: Runtime, local_files_only: bool = False, progress=None):
+    """The text-to-image pipeline for `spec`, LoRA fused, LCMScheduler in, on the runtime's device."""
+    report = progress or (lambda fraction, message: None)
+    # 1. Which family: decides the pipeline class and what it is given.
+    report(0.05, f"Reading {spec.base}")
+    family = detect_family(spec.base, local_files_only)
+    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    # 2. The base weights, in the runtime's dtype; the fp16 variant where the runtime computes in fp16.
+    report(0.15, f"Loading {spec.base}")
+    kwargs = dict(dtype=runtime.dtype, local_files_only=local_files_only, **extra)
+    try:
+        try:
+            pipe = pipeline_class.from_pretrained(spec.base, variant=runtime.variant, **kwargs)
+        except (OSError, ValueError) as error:
+            if runtime.variant is None or "variant" not in str(error).lower():
+                raise
+            pipe = pipeline_class.from_pretrained(spec.base, **kwargs)  # no fp16 files published
+    except Exception as error:
+        raise _load_error(spec.base, "base model", error) from error
+    # 3. The LCM-LoRA, fused into the weights then unloaded: no adapter cost per step.
+    if spec.lora:
+        report(0.7, f"Loading LCM-LoRA {spec.lora}")
+        folder, weight_name = spec.lora, None
+        if spec.lora.endswith(".safetensors") and Path(spec.lora).is_file():
+            folder, weight_name = str(Path(spec.lora).parent), Path(spec.lora).name
+        try:
+            pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name="lcm",
+                                   local_files_only=local_files_only)  # fmt: skip
+        except Exception as error:
+            raise _load_error(spec.lora, "LCM-LoRA", error) from error
+        pipe.fuse_lora(lora_scale=1.0)
+        pipe.unload_lora_weights()
+    # 4. The LCM scheduler, built from the base's own schedule.
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    report(0.85, f"Moving to {runtime.label}")
+    pipe.to(runtime.device)
+    if runtime.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    return pipe, family
+
+
+def load_taesd(family: str, runtime: Runtime, local_files_only: bool = False) -> AutoencoderTiny:
+    """The tiny TAESD autoencoder for `family` (a fast, slightly softer stand-in for the VAE)."""
+    model_id = TAESD[family]
+    try:
+        tiny = AutoencoderTiny.from_pretrained(model_id, dtype=runtime.dtype, local_files_only=local_files_only)
+    except Exception as error:
+        raise _load_error(model_id, "TAESD decoder", error) from error
+    tiny.to(runtime.device)
+    if runtime.channels_last:
+        tiny.to(memory_format=torch.channels_last)
+    return tiny
+
+
+class Engine:
+    """Owns one pipeline; `generate` runs a Request. Callers serialise their calls (the live loop does)."""
+
+    def __init__(self, pipe, spec: ModelSpec, runtime: Runtime, family: str, tiny_vae: AutoencoderTiny | None = None):
+        self.txt2img = pipe
+        self.img2img = AutoPipelineForImage2Image.from_pipe(pipe)  # same UNet, VAE and text encoders
+        self.img2img.set_progress_bar_config(disable=True)
+        self.spec, self.runtime, self.family = spec, runtime, family
+        self.full_vae = pipe.vae
+        self.tiny_vae = tiny_vae
+        self.native_size = spec.native_size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self._embeddings: OrderedDict[tuple, dict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, spec: ModelSpec, runtime: Runtime, taesd: bool = False, local_files_only: bool = False,
+             warmup: bool = True, progress=None) -> Engine:  # fmt: skip
+        """Load `spec` once: weights, LoRA fused, LCMScheduler; optional TAESD; one warm-up run."""
+        pipe, family = load_pipeline(spec, runtime, local_files_only, progress)
+        tiny = load_taesd(family, runtime, local_files_only) if taesd else None
+        engine = cls(pipe, spec, runtime, family, tiny)
+        if warmup:
+            if progress:
+                progress(0.95, "Warming up")
+            engine.generate(Request(prompt="warm-up", steps=2))
+        return engine
+
+    # ------------------------------------------------------------------ checks
+    def check(self, request: Request) -> tuple[Request, list[str]]:
+        """The request with defaults filled in, plus warnings; ValueError with the bound for bad values."""
+        warnings = []
+        if not isinstance(request.prompt, str) or not isinstance(request.negative_prompt, str):
+            raise ValueError("The prompt and negative prompt must be text.")
+        if not MIN_STEPS <= int(request.steps) <= MAX_STEPS or int(request.steps) != request.steps:
+            raise ValueError(f"steps must be a whole number from {MIN_STEPS} to {MAX_STEPS}; got {request.steps}.")
+        if not MIN_GUIDANCE <= request.guidance_scale <= MAX_GUIDANCE:
+            raise ValueError(
+                f"guidance_scale must be from {MIN_GUIDANCE} to {MAX_GUIDANCE}; got {request.guidance_scale}."
+            )
+        if not 0 <= int(request.seed) <= MAX_SEED:
+            raise ValueError(f"seed must be from 0 to {MAX_SEED}; got {request.seed}.")
+        if request.image is not None and not 0 < request.strength <= 1:
+            raise ValueError(f"strength must be above 0 and at most 1; got {request.strength}.")
+        if request.decoder not in ("auto", "full", "tiny"):
+            raise ValueError(f"decoder must be auto, full or tiny; got {request.decoder!r}.")
+        if request.image is not None:
+            default_width, default_height = fit_size(request.image.width, request.image.height, self.native_size)
+        else:
+            default_width = default_height = self.native_size
+        width = default_width if request.width is None else request.width
+        height = default_height if request.height is None else request.height
+        for name, value in (("width", width), ("height", height)):
+            if not MIN_SIZE <= value <= MAX_SIZE or value % 8:
+                raise ValueError(f"{name} must be a multiple of 8 from {MIN_SIZE} to {MAX_SIZE}; got {value}.")
+        prompt = request.prompt
+        if len(prompt) > MAX_PROMPT_CHARS:
+            prompt = prompt[:MAX_PROMPT_CHARS]
+        tokenizer = self.txt2img.tokenizer
+        tokens = len(tokenizer(prompt, truncation=False).input_ids)
+        if tokens > tokenizer.model_max_length:
+            warnings.append(
+                f"The prompt is {tokens} tokens long; the text encoder reads the first {tokenizer.model_max_length}"
+                " (including start and end), so the rest is ignored."
+            )
+        return replace(request, prompt=prompt, width=int(width), height=int(height), steps=int(request.steps),
+                       seed=int(request.seed)), warnings  # fmt: skip
+
+    # ------------------------------------------------------------------ text
+    def encode_text(self, prompt: str, negative_prompt: str, guided: bool) -> tuple[dict, bool]:
+        """Prompt embeddings as pipeline kwargs, from the cache when this prompt was seen; (kwargs, cached)."""
+        key = (prompt, negative_prompt if guided else "", guided)
+        if key in self._embeddings:
+            self._embeddings.move_to_end(key)
+            return self._embeddings[key], True
+        device = self.runtime.device
+        with torch.inference_mode():
+            if self.family == "sdxl":
+                embeds, negative, pooled, negative_pooled = self.txt2img.encode_prompt(
+                    prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+                    negative_prompt=negative_prompt if guided else None,
+                )  # fmt: skip
+                kwargs = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+                if guided:
+                    kwargs.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+            else:
+                embeds, negative = self.txt2img.encode_prompt(
+                    prompt, device, 1, guided, negative_prompt=negative_prompt if guided else None
+                )
+                kwargs = dict(prompt_embeds=embeds)
+                if guided:
+                    kwargs["negative_prompt_embeds"] = negative
+        self._embeddings[key] = kwargs
+        if len(self._embeddings) > EMBEDDING_CACHE_SIZE:
+            self._embeddings.popitem(last=False)
+        return kwargs, False
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, latents: torch.Tensor, decoder: str = "auto") -> tuple[Image.Image, str]:
+        """latents (1, 4, h, w) -> RGB image, with the tiny decoder when asked and loaded; (image, decoder used)."""
+        use_tiny = self.tiny_vae is not None and decoder in ("auto", "tiny")
+        vae = self.tiny_vae if use_tiny else self.full_vae
+        with torch.inference_mode():
+            scaled = latents / vae.config.scaling_factor
+            if getattr(vae.config, "shift_factor", None):
+                scaled = scaled + vae.config.shift_factor
+            upcast = not use_tiny and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+            if upcast:  # SDXL's VAE overflows in fp16
+                vae.to(torch.float32)
+            try:
+                pixels = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]  # (1, 3, H, W) in [-1, 1]
+            finally:
+                if upcast:
+                    vae.to(torch.float16)
+        if not torch.isfinite(pixels).all():
+            raise GenerationError("The decoder produced NaN or infinite values; try another seed or dtype float32.")
+        array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(np.ascontiguousarray(array)), "tiny" if use_tiny else "full"
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, request: Request, should_stop: Callable[[], bool] | None = None) -> Result:
+        """Run `request`. `should_stop()` is asked at each step boundary; True raises GenerationStopped."""
+        with self._lock:
+            return self._generate(request, should_stop)
+
+    def _generate(self, request: Request, should_stop: Callable[[], bool] | None) -> Result:
+        device = self.runtime.device
+        # 1. Check the request and fill in its defaults.
+        request, warnings = self.check(request)
+        start = time.perf_counter()
+        # 2. Text embeddings (cached by prompt: a slider move does not re-run the text encoder).
+        guided = request.guidance_scale > 1.0
+        text_kwargs, cached = self.encode_text(request.prompt, request.negative_prompt, guided)
+        _sync(device)
+        text_done = time.perf_counter()
+        if should_stop is not None and should_stop():
+            raise GenerationStopped(0)
+        # 3. Denoise: 4 LCM steps by default; image-to-image runs int(steps * strength) of them.
+        strength = request.strength
+        if request.image is not None:
+            strength = max(strength, 1.0 / request.steps + 1e-6) if request.steps * strength < 1 else strength
+            strength = min(strength, 1.0)
+            planned = int(request.steps * strength)
+        else:
+            planned = request.steps
+        steps_done = 0
+
+        def on_step_end(pipe, index, timestep, tensors):
+            nonlocal steps_done
+            steps_done = index + 1
+            if should_stop is not None and steps_done < planned and should_stop():
+                raise GenerationStopped(steps_done)
+            return {}
+
+        common = dict(
+            num_inference_steps=request.steps, guidance_scale=request.guidance_scale, output_type="latent",
+            generator=torch.Generator("cpu").manual_seed(request.seed), callback_on_step_end=on_step_end,
+            **text_kwargs,
+        )  # fmt: skip
+        try:
+            with torch.inference_mode():
+                if request.image is None:
+                    out = self.txt2img(width=request.width, height=request.height, **common)
+                else:
+                    init = _fill_crop(request.image.convert("RGB"), request.width, request.height)
+                    out = self.img2img(image=init, strength=strength, **common)
+        except torch.OutOfMemoryError as error:
+            self.free_memory()
+            raise GenerationError(f"Out of memory at {request.width}x{request.height}: try a smaller size.") from error
+        latents = out.images  # (1, 4, H/8, W/8)
+        if not torch.isfinite(latents).all():
+            raise GenerationError("The model produced NaN latents; try another seed, or dtype float32.")
+        _sync(device)
+        denoise_done = time.perf_counter()
+        # 4. Decode: the tiny decoder for live frames when loaded, else the full VAE.
+        image, decoder_used = self.decode(latents, request.decoder)
+        _sync(device)
+        end = time.perf_counter()
+        timings = Timings(
+            text_ms=(text_done - start) * 1e3, denoise_ms=(denoise_done - text_done) * 1e3,
+            decode_ms=(end - denoise_done) * 1e3, total_ms=(end - start) * 1e3, unet_steps=steps_done,
+            text_cached=cached,
+        )  # fmt: skip
+        return Result(image, self.params_for(request, strength, decoder_used), timings, latents, warnings)
+
+    def params_for(self, request: Request, strength: float, decoder: str) -> dict:
+        """The parameters that exactly reproduce an image (with the same model and software)."""
+        params = dict(
+            mode=request.mode, prompt=request.prompt, steps=request.steps, guidance_scale=request.guidance_scale,
+            seed=request.seed, width=request.width, height=request.height, scheduler="LCMScheduler",
+            model=self.spec.base, lora=self.spec.lora, decoder=decoder, runtime=self.runtime.label,
+        )  # fmt: skip
+        if request.guidance_scale > 1.0:
+            params["negative_prompt"] = request.negative_prompt
+        if request.image is not None:
+            params["strength"] = round(strength, 4)
+        return params
+
+    def free_memory(self) -> None:
+        """Drop cached embeddings and the accelerator's cached blocks (after an out-of-memory error)."""
+        self._embeddings.clear()
+        if self.runtime.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    @property
+    def info(self) -> dict:
+        return dict(model=self.spec.name, family=self.family, runtime=self.runtime.label,
+                    native_size=self.native_size, embedded=self.spec.is_embedded,
+                    decoder="TAESD" if self.tiny_vae is not None else "VAE")  # fmt: skip
+
+
+def timings_dict(timings: Timings) -> dict:
+    return {k: round(v, 1) if isinstance(v, float) else v for k, v in asdict(timings).items()}

@@ -316,7 +316,10 @@ class Engine:
 
     # ------------------------------------------------------------------ generate
     def generate(self, request: Request, should_stop: Callable[[], bool] | None = None) -> Result:
-        """Run `request`. `should_stop()` is asked at each step boundary; True raises GenerationStopped."""
+        """Run `request`. `should_stop()` is asked between UNet blocks; True raises GenerationStopped.
+
+        A run in its last denoising step always finishes: its image is nearly done.
+        """
         with self._lock:
             return self._generate(request, should_stop)
 
@@ -354,6 +357,16 @@ class Engine:
             generator=torch.Generator("cpu").manual_seed(request.seed), callback_on_step_end=on_step_end,
             **text_kwargs,
         )  # fmt: skip
+        hooks = []
+        if should_stop is not None:  # also stop between UNet blocks, inside a step: a step can take seconds
+
+            def check_block(module, args):
+                if steps_done < planned - 1 and should_stop():
+                    raise GenerationStopped(steps_done)
+
+            unet = self.txt2img.unet
+            blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+            hooks = [block.register_forward_pre_hook(check_block) for block in blocks if block is not None]
         try:
             with torch.inference_mode():
                 if request.image is None:
@@ -364,6 +377,9 @@ class Engine:
         except torch.OutOfMemoryError as error:
             self.free_memory()
             raise GenerationError(f"Out of memory at {request.width}x{request.height}: try a smaller size.") from error
+        finally:
+            for hook in hooks:
+                hook.remove()
         latents = out.images  # (1, 4, H/8, W/8)
         if not torch.isfinite(latents).all():
             raise GenerationError("The model produced NaN latents; try another seed, or dtype float32.")

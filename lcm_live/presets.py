@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-EMBEDDED_MODEL = ASSETS / "demo-model"
+# The offline model (a diffusers folder `base/` + an LCM-LoRA in `lcm-lora/`); LCM_LIVE_DEMO_MODEL points elsewhere.
+EMBEDDED_MODEL = Path(os.environ.get("LCM_LIVE_DEMO_MODEL") or ASSETS / "demo-model")
 
 
 @dataclass(frozen=True)

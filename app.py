@@ -1,0 +1,48 @@
+"""lcm-live: read settings, start on the embedded model, load the requested one in the background, serve."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lcm_live.settings import Settings
+
+
+def build(settings: Settings):
+    """The Blocks app and its live loop for `settings` (the tests call this too)."""
+    if settings.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    from lcm_live.device import pick_runtime
+    from lcm_live.live import LiveLoop
+    from lcm_live.models import ModelManager
+    from lcm_live.presets import PRESETS, resolve_spec
+    from lcm_live.ui import LiveApp, build_ui
+
+    runtime = pick_runtime(settings.device, settings.dtype)
+    wanted = resolve_spec(settings.preset, settings.base, settings.lora)
+    manager = ModelManager(runtime, taesd=settings.taesd, offline=settings.offline)
+    loop = LiveLoop(manager.load_now(PRESETS["demo"]))  # up in about a second, whatever the network does
+    manager.attach(loop)
+    if not wanted.is_embedded:
+        manager.switch(wanted)
+    app = LiveApp(manager, loop)
+    demo = build_ui(app)
+    demo.queue(max_size=settings.queue_size, default_concurrency_limit=None)
+    return demo, app
+
+
+def main(argv=None) -> None:
+    settings = Settings.from_args(argv)
+    demo, _ = build(settings)
+    demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
+                max_file_size=settings.max_file_size, show_error=True, css=lcm_css())  # fmt: skip
+
+
+def lcm_css() -> str:
+    from lcm_live.ui import CSS
+
+    return CSS
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,167 @@
+"""The live loop: per-session newest-wins slots served round-robin by one worker thread that owns the engine.
+
+Every input change becomes a job for a slot (a browser session's tab). A slot holds only its newest job: an
+older pending job is dropped unrun, and a running job of the same slot is told to stop at its next block
+boundary inside the UNet (it still finishes when it is in its last step). Slots take turns, so one user's
+webcam stream or fast typing cannot starve another user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engine import GenerationStopped
+
+
+SUPERSEDED = "superseded"  # what a dropped or stopped job's future resolves to
+
+
+@dataclass
+class Job:
+    slot: str
+    work: Callable[[Any, Callable[[], bool]], Any]  # work(engine, should_stop) -> result
+    seq: int = 0
+    submitted: float = field(default_factory=time.perf_counter)
+    future: Future = field(default_factory=Future)
+    stop: threading.Event = field(default_factory=threading.Event)
+    started: float | None = None
+
+
+@dataclass
+class Outcome:
+    """A finished job: its result, how long the user waited (submit -> done) and how long it ran."""
+
+    result: Any
+    wait_ms: float
+    run_ms: float
+    seq: int
+
+
+@dataclass
+class LoopStats:
+    ran: int = 0  # jobs that ran to the end
+    dropped: int = 0  # jobs superseded before they started
+    stopped: int = 0  # jobs superseded while running
+    failed: int = 0
+
+
+class LiveLoop:
+    """One worker thread, one engine, newest-wins slots served in turn."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.stats = LoopStats()
+        self._pending: OrderedDict[str, Job] = OrderedDict()  # slot -> newest job not yet started
+        self._running: Job | None = None
+        self._seq: dict[str, int] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._serve, name="lcm-live-worker", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ submitting
+    def submit(self, slot: str, work: Callable) -> Job:
+        """Queue `work` as `slot`'s newest job; the slot's older pending job is dropped, a running one stopped."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the live loop is closed")
+            seq = self._seq.get(slot, 0) + 1
+            self._seq[slot] = seq
+            job = Job(slot, work, seq)
+            older = self._pending.pop(slot, None)
+            if older is not None:
+                self.stats.dropped += 1
+                older.future.set_result(SUPERSEDED)
+            if self._running is not None and self._running.slot == slot:
+                self._running.stop.set()
+            self._pending[slot] = job  # to the back of the round-robin order
+            self._cond.notify_all()
+        return job
+
+    async def run(self, slot: str, work: Callable) -> Outcome | str:
+        """Submit and wait without blocking the event loop; an Outcome, or SUPERSEDED."""
+        job = self.submit(slot, work)
+        return await asyncio.wrap_future(job.future)
+
+    def run_sync(self, slot: str, work: Callable, timeout: float | None = None) -> Outcome | str:
+        return self.submit(slot, work).future.result(timeout)
+
+    def latest_seq(self, slot: str) -> int:
+        with self._cond:
+            return self._seq.get(slot, 0)
+
+    def forget(self, slot_prefix: str) -> None:
+        """Drop the pending jobs of a session that left."""
+        with self._cond:
+            for slot in [s for s in self._pending if s.startswith(slot_prefix)]:
+                self._pending.pop(slot).future.set_result(SUPERSEDED)
+                self.stats.dropped += 1
+            for slot in [s for s in self._seq if s.startswith(slot_prefix)]:
+                del self._seq[slot]
+            if self._running is not None and self._running.slot.startswith(slot_prefix):
+                self._running.stop.set()
+
+    def swap_engine(self, engine) -> None:
+        """Serve later jobs with `engine` (the running job finishes on the old one)."""
+        with self._cond:
+            self.engine = engine
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for job in self._pending.values():
+                job.future.set_result(SUPERSEDED)
+            self._pending.clear()
+            if self._running is not None:
+                self._running.stop.set()
+            self._cond.notify_all()
+        self._worker.join(timeout=30)
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return self._running is not None or bool(self._pending)
+
+    # ------------------------------------------------------------------ serving
+    def _next_job(self) -> Job | None:
+        with self._cond:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            slot, job = self._pending.popitem(last=False)  # the slot that waited longest
+            job.started = time.perf_counter()
+            self._running = job
+            return job, self.engine
+
+    def _serve(self) -> None:
+        while True:
+            picked = self._next_job()
+            if picked is None:
+                return
+            job, engine = picked
+            outcome: Any
+            try:
+                result = job.work(engine, job.stop.is_set)
+                done = time.perf_counter()
+                outcome = Outcome(result, (done - job.submitted) * 1e3, (done - job.started) * 1e3, job.seq)
+                self.stats.ran += 1
+            except GenerationStopped:
+                outcome = SUPERSEDED
+                self.stats.stopped += 1
+            except BaseException as error:  # the job's caller gets the error; the loop keeps serving
+                self.stats.failed += 1
+                with self._cond:
+                    self._running = None
+                job.future.set_exception(error)
+                continue
+            with self._cond:
+                self._running = None
+            job.future.set_result(outcome)

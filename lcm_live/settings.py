@@ -1,0 +1,68 @@
+"""All settings in one frozen dataclass, from command-line flags or LCM_LIVE_* environment variables (Spaces)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+from .presets import PRESETS
+
+
+@dataclass(frozen=True)
+class Settings:
+    preset: str = "sd15"  # a key of PRESETS; "demo" is the embedded model
+    base: str | None = None  # custom base model id or folder (overrides the preset's)
+    lora: str | None = None  # custom LCM-LoRA id, folder or .safetensors file
+    device: str = "auto"  # auto, cuda, mps, cpu
+    dtype: str = "auto"  # auto, float16, bfloat16, float32
+    taesd: bool = False  # decode live frames with TAESD (fast; full VAE when off)
+    host: str = "127.0.0.1"  # 0.0.0.0 to serve the network
+    port: int = 7860
+    share: bool = False  # a temporary public gradio.live link
+    max_file_size: str = "20mb"  # uploads above this get HTTP 413
+    queue_size: int = 64  # queued events above this get "busy, try again"
+    offline: bool = False  # never contact the hub (same as HF_HUB_OFFLINE=1)
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> Settings:
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(f"LCM_LIVE_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, raw)
+        return cls(**values)
+
+    @classmethod
+    def from_args(cls, argv=None, environ=os.environ) -> Settings:
+        """Flags override environment variables, which override the defaults."""
+        env = cls.from_env(environ)
+        parser = argparse.ArgumentParser(prog="app.py", description="lcm-live: a realtime LCM-LoRA image playground")
+        parser.add_argument("--preset", choices=sorted(PRESETS), default=env.preset, help="model preset")
+        parser.add_argument("--base", default=env.base, help="custom base model: hub id or local folder")
+        parser.add_argument("--lora", default=env.lora, help="custom LCM-LoRA: hub id, folder or .safetensors")
+        parser.add_argument("--device", default=env.device, choices=["auto", "cuda", "mps", "cpu"])
+        parser.add_argument("--dtype", default=env.dtype, choices=["auto", "float16", "bfloat16", "float32"])
+        parser.add_argument("--taesd", action=argparse.BooleanOptionalAction, default=env.taesd,
+                            help="decode with TAESD (madebyollin/taesd, taesdxl)")  # fmt: skip
+        parser.add_argument("--host", default=env.host, help="address to listen on (0.0.0.0 for the network)")
+        parser.add_argument("--port", type=int, default=env.port)
+        parser.add_argument("--share", action=argparse.BooleanOptionalAction, default=env.share)
+        parser.add_argument("--max-file-size", default=env.max_file_size)
+        parser.add_argument("--queue-size", type=int, default=env.queue_size)
+        parser.add_argument("--offline", action=argparse.BooleanOptionalAction, default=env.offline,
+                            help="never contact the model hub")  # fmt: skip
+        return cls(**vars(parser.parse_args(argv)))
+
+
+def _parse(name: str, raw: str):
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    if kind == "bool":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"LCM_LIVE_{name.upper()} must be true or false; got {raw!r}.")
+    if kind == "int":
+        return int(raw)
+    return raw

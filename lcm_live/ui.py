@@ -1,0 +1,343 @@
+"""The page: three live tabs (text, image, webcam), a model picker and a HUD. No torch here.
+
+Every widget change is sent at once (`trigger_mode="multiple"`), so the server hears new input while a
+generation runs; the live loop drops or stops stale work and only the newest request's image is shown.
+"""
+
+from __future__ import annotations
+
+import html
+import random
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image, ImageDraw
+
+from .engine import MAX_SEED, GenerationError, Request, timings_dict
+from .inputs import InputError, clean_prompt, load_image
+from .live import SUPERSEDED, LiveLoop, Outcome
+from .models import ModelManager, preset_choices
+from .pngmeta import save_png
+from .presets import ASSETS, resolve_spec
+
+
+DEMO_PROMPT = "a yellow triangle on a purple background"
+PHOTO_PROMPT = (
+    "close-up photography of old man standing in the rain at night, in a street lit by lamps, leica 35mm summilux"
+)
+SWEEP_STEPS = range(1, 9)
+CSS = """
+.live-image img { image-rendering: pixelated; object-fit: contain; }
+.hud { font-family: ui-monospace, monospace; font-size: 0.85em; }
+"""
+
+
+class OutputStore:
+    """PNG files carrying their parameters, in one folder; the oldest are deleted past `keep`."""
+
+    def __init__(self, folder: str | None = None, keep: int = 256):
+        self.folder = Path(folder or tempfile.mkdtemp(prefix="lcm-live-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._paths: deque[Path] = deque()
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def save(self, image: Image.Image, params: dict) -> str:
+        path = save_png(image, params, self.folder / f"{uuid.uuid4().hex}.png")
+        with self._lock:
+            self._paths.append(path)
+            while len(self._paths) > self._keep:
+                self._paths.popleft().unlink(missing_ok=True)
+        return str(path)
+
+
+class RateMeter:
+    """Frames per second shown per slot (a smoothed rate of images delivered)."""
+
+    def __init__(self, slots: int = 1024):
+        self._last: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._slots = slots
+
+    def tick(self, slot: str) -> float:
+        now = time.perf_counter()
+        last, fps = self._last.pop(slot, (None, 0.0))
+        if last is not None:
+            instant = 1.0 / max(now - last, 1e-3)
+            fps = instant if fps == 0 else 0.7 * fps + 0.3 * instant
+        self._last[slot] = (now, fps)
+        while len(self._last) > self._slots:
+            self._last.popitem(last=False)
+        return fps
+
+
+def hud_markdown(outcome: Outcome, fps: float, info: dict, warnings: list[str]) -> str:
+    t = timings_dict(outcome.result.timings)
+    text = "cached" if t["text_cached"] else f"{t['text_ms']:.0f} ms"
+    line = (
+        f"⏱ **{outcome.wait_ms:.0f} ms** · {fps:.1f} fps · text {text} · denoise {t['denoise_ms']:.0f} ms "
+        f"({t['unet_steps']} steps) · decode {t['decode_ms']:.0f} ms · {info['runtime']} · {html.escape(info['model'])}"
+    )
+    return line + "".join(f"  \n⚠️ {html.escape(w)}" for w in warnings)
+
+
+class LiveApp:
+    """The handlers behind the page; each browser session gets its own slots in the live loop."""
+
+    def __init__(self, manager: ModelManager, loop: LiveLoop, store: OutputStore | None = None):
+        self.manager, self.loop = manager, loop
+        self.store = store or OutputStore()
+        self.rates = RateMeter()
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def slot(request: gr.Request | None, tab: str) -> str:
+        session = getattr(request, "session_hash", None)
+        return f"{session}:{tab}" if session else f"api:{uuid.uuid4().hex}"  # API calls are never superseded
+
+    async def _generate(self, slot: str, request: Request, warnings: list[str]):
+        """Run `request` in `slot`; (png path, HUD) or None when a newer request superseded it."""
+        try:
+            outcome = await self.loop.run(slot, lambda engine, should_stop: engine.generate(request, should_stop))
+        except (ValueError, GenerationError) as error:
+            raise gr.Error(str(error)) from error
+        if outcome == SUPERSEDED:
+            return None
+        result = outcome.result
+        warnings = warnings + result.warnings
+        for warning in warnings:
+            gr.Warning(warning)
+        fps = self.rates.tick(slot)
+        path = self.store.save(result.image, result.params)
+        return path, hud_markdown(outcome, fps, self.loop.engine.info, warnings)
+
+    # ------------------------------------------------------------------ handlers
+    async def txt2img(self, prompt, negative, steps, guidance, seed, width, height, request: gr.Request = None):
+        prompt, warnings = clean_prompt(prompt)
+        negative, _ = clean_prompt(negative)
+        req = Request(prompt=prompt, negative_prompt=negative, steps=_int(steps, "steps"),
+                      guidance_scale=_float(guidance, "guidance"), seed=_int(seed, "seed"),
+                      width=_int(width, "width"), height=_int(height, "height"))  # fmt: skip
+        shown = await self._generate(self.slot(request, "txt2img"), req, warnings)
+        return shown if shown is not None else (gr.skip(), gr.skip())
+
+    async def img2img(self, image, prompt, strength, steps, seed, request: gr.Request = None):
+        if image is None:
+            return gr.skip(), "Upload, paste or pick an image to start."
+        try:
+            picture = load_image(image)
+        except InputError as error:
+            raise gr.Error(str(error)) from error
+        prompt, warnings = clean_prompt(prompt)
+        req = Request(prompt=prompt, image=picture, strength=_float(strength, "strength"),
+                      steps=_int(steps, "steps"), seed=_int(seed, "seed"))  # fmt: skip
+        shown = await self._generate(self.slot(request, "img2img"), req, warnings)
+        return shown if shown is not None else (gr.skip(), gr.skip())
+
+    async def webcam(self, frame, prompt, strength, steps, seed, request: gr.Request = None):
+        if frame is None:
+            return gr.skip(), gr.skip()
+        return await self.img2img_like(frame, prompt, strength, steps, seed, self.slot(request, "webcam"))
+
+    async def img2img_like(self, frame, prompt, strength, steps, seed, slot):
+        try:
+            picture = load_image(frame)
+        except InputError as error:
+            raise gr.Error(str(error)) from error
+        prompt, warnings = clean_prompt(prompt)
+        req = Request(prompt=prompt, image=picture, strength=_float(strength, "strength"),
+                      steps=_int(steps, "steps"), seed=_int(seed, "seed"))  # fmt: skip
+        shown = await self._generate(slot, req, warnings)
+        return shown if shown is not None else (gr.skip(), gr.skip())
+
+    async def sweep(self, prompt, negative, guidance, seed, width, height, request: gr.Request = None):
+        """The same seed at 1..8 steps, as one labelled grid image."""
+        prompt, _ = clean_prompt(prompt)
+        base = Request(prompt=prompt, negative_prompt=clean_prompt(negative)[0], guidance_scale=_float(guidance, "guidance"),
+                       seed=_int(seed, "seed"), width=_int(width, "width"), height=_int(height, "height"))  # fmt: skip
+
+        def work(engine, should_stop):
+            results = [engine.generate(Request(**{**base.__dict__, "steps": n}), should_stop) for n in SWEEP_STEPS]
+            return step_grid([r.image for r in results], [f"{n} step{'s' * (n > 1)}" for n in SWEEP_STEPS]), results
+
+        try:
+            outcome = await self.loop.run(self.slot(request, "sweep"), work)
+        except (ValueError, GenerationError) as error:
+            raise gr.Error(str(error)) from error
+        if outcome == SUPERSEDED:
+            return gr.skip()
+        grid, results = outcome.result
+        params = {**results[0].params, "steps": list(SWEEP_STEPS), "kind": "step sweep"}
+        return self.store.save(grid, params)
+
+    def switch_model(self, preset, base, lora):
+        try:
+            spec = resolve_spec(preset, (base or "").strip() or None, (lora or "").strip() or None)
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        if not self.manager.switch(spec):
+            gr.Warning("A model is already loading; wait for it to finish.")
+        return self.manager.status_markdown()
+
+    def forget(self, request: gr.Request):
+        if request is not None and request.session_hash:
+            self.loop.forget(f"{request.session_hash}:")
+
+
+def _int(value, name: str) -> int:
+    try:
+        return int(round(float(value)))
+    except (TypeError, ValueError) as error:
+        raise gr.Error(f"{name} must be a number; got {value!r}.") from error
+
+
+def _float(value, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as error:
+        raise gr.Error(f"{name} must be a number; got {value!r}.") from error
+
+
+def step_grid(images: list[Image.Image], labels: list[str]) -> Image.Image:
+    """Images side by side in two rows of four, each with its label underneath."""
+    width, height = images[0].size
+    cell = max(width, 96)
+    columns, rows, label_h = 4, (len(images) + 3) // 4, 16
+    grid = Image.new("RGB", (columns * cell, rows * (height + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, (image, label) in enumerate(zip(images, labels)):
+        x, y = (index % columns) * cell, (index // columns) * (height + label_h)
+        grid.paste(image, (x + (cell - width) // 2, y))
+        draw.text((x + 4, y + height + 2), label, fill="black")
+    return grid
+
+
+def examples() -> list[str]:
+    return sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
+
+
+def build_ui(app: LiveApp) -> gr.Blocks:
+    info = app.manager.engine.info
+    native = int(info["native_size"])
+    default_prompt = DEMO_PROMPT if info["embedded"] else PHOTO_PROMPT
+    live = dict(trigger_mode="multiple", show_progress="hidden", concurrency_limit=None)
+    with gr.Blocks(title="lcm-live", delete_cache=(300, 900)) as demo:
+        gr.Markdown(
+            "# lcm-live\nThe image follows your prompt as you type: a 4-step LCM-LoRA pipeline, newest input wins."
+        )
+        status = gr.Markdown(app.manager.status_markdown(), elem_id="model-status")
+        with gr.Tabs():
+            with gr.Tab("Text to image", id="txt2img"), gr.Row():
+                with gr.Column():
+                    prompt = gr.Textbox(default_prompt, label="Prompt", lines=2, elem_id="t2i-prompt")
+                    negative = gr.Textbox("", label="Negative prompt (used when guidance > 1)", elem_id="t2i-negative")
+                    steps = gr.Slider(1, 8, 4, step=1, label="Steps", elem_id="t2i-steps")
+                    guidance = gr.Slider(1.0, 2.0, 1.0, step=0.1, label="Guidance", elem_id="t2i-guidance")
+                    with gr.Row():
+                        seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="t2i-seed")
+                        randomize = gr.Button("🎲 Random seed", elem_id="t2i-random", scale=0)
+                    with gr.Row():
+                        width = gr.Slider(64, 1024, native, step=8, label="Width", elem_id="t2i-width")
+                        height = gr.Slider(64, 1024, native, step=8, label="Height", elem_id="t2i-height")
+                with gr.Column():
+                    t2i_out = gr.Image(type="filepath", format="png", label="Result", interactive=False,
+                                       height=420, elem_id="t2i-image", elem_classes="live-image")  # fmt: skip
+                    t2i_hud = gr.Markdown(elem_id="t2i-hud", elem_classes="hud")
+                    sweep_button = gr.Button("Step sweep: 1..8 steps, this seed", elem_id="t2i-sweep")
+                    sweep_out = gr.Image(type="filepath", format="png", label="Step sweep", interactive=False,
+                                         elem_id="t2i-sweep-image", elem_classes="live-image")  # fmt: skip
+            with gr.Tab("Image to image", id="img2img"), gr.Row():
+                with gr.Column():
+                    i2i_in = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Input image",
+                                      elem_id="i2i-input", height=300)  # fmt: skip
+                    if examples():
+                        gr.Examples(examples(), inputs=[i2i_in], label="Examples")
+                    i2i_prompt = gr.Textbox(default_prompt, label="Prompt", lines=2, elem_id="i2i-prompt")
+                    i2i_strength = gr.Slider(0.05, 1.0, 0.5, step=0.05, label="Strength", elem_id="i2i-strength")
+                    i2i_steps = gr.Slider(1, 8, 4, step=1, label="Steps", elem_id="i2i-steps")
+                    i2i_seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="i2i-seed")
+                with gr.Column():
+                    i2i_out = gr.Image(type="filepath", format="png", label="Result", interactive=False,
+                                       height=420, elem_id="i2i-image", elem_classes="live-image")  # fmt: skip
+                    i2i_hud = gr.Markdown(elem_id="i2i-hud", elem_classes="hud")
+            with gr.Tab("Webcam", id="webcam"):
+                with gr.Row():
+                    with gr.Column():
+                        cam = gr.Image(sources=["webcam"], streaming=True, type="pil", label="Webcam",
+                                       webcam_options=gr.WebcamOptions(mirror=True, constraints={
+                                           "video": {"width": {"ideal": 640}, "height": {"ideal": 480}}}),
+                                       elem_id="cam-input")  # fmt: skip
+                        cam_prompt = gr.Textbox(default_prompt, label="Prompt", lines=2, elem_id="cam-prompt")
+                        cam_strength = gr.Slider(0.05, 1.0, 0.5, step=0.05, label="Strength", elem_id="cam-strength")
+                        cam_steps = gr.Slider(1, 8, 2, step=1, label="Steps", elem_id="cam-steps")
+                        cam_seed = gr.Number(
+                            0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="cam-seed"
+                        )
+                    with gr.Column():
+                        cam_out = gr.Image(type="filepath", format="png", label="Live output", interactive=False,
+                                           height=420, elem_id="cam-image", elem_classes="live-image")  # fmt: skip
+                        cam_hud = gr.Markdown(elem_id="cam-hud", elem_classes="hud")
+                gr.Markdown("Browsers grant the camera only on `localhost` or HTTPS pages.")
+            with gr.Tab("Model", id="model"):
+                preset = gr.Dropdown(preset_choices(), value=None, label="Preset", elem_id="model-preset")
+                base = gr.Textbox("", label="Custom base model (hub id or folder, SD 1.5 or SDXL family)")
+                lora = gr.Textbox("", label="Custom LCM-LoRA (hub id, folder or .safetensors file)")
+                load = gr.Button("Load model", elem_id="model-load")
+                gr.Markdown(
+                    "Loading happens in the background; the current model keeps serving until the new one is ready."
+                )
+
+        # Text to image: every keystroke and slider move regenerates.
+        t2i_inputs = [prompt, negative, steps, guidance, seed, width, height]
+        gr.on([c.change for c in t2i_inputs], app.txt2img, t2i_inputs, [t2i_out, t2i_hud],
+              api_name="live_txt2img", api_visibility="undocumented", **live)  # fmt: skip
+        randomize.click(lambda: random.randint(0, MAX_SEED), None, seed, show_progress="hidden",
+                        api_visibility="private")  # fmt: skip
+        sweep_button.click(app.sweep, [prompt, negative, guidance, seed, width, height], sweep_out,
+                           api_name="step_sweep", show_progress="minimal")  # fmt: skip
+        demo.load(app.txt2img, t2i_inputs, [t2i_out, t2i_hud], show_progress="hidden", api_name="first_txt2img",
+                  api_visibility="undocumented")  # fmt: skip
+
+        # Image to image.
+        i2i_inputs = [i2i_in, i2i_prompt, i2i_strength, i2i_steps, i2i_seed]
+        gr.on([c.change for c in i2i_inputs], app.img2img, i2i_inputs, [i2i_out, i2i_hud],
+              api_name="live_img2img", api_visibility="undocumented", **live)  # fmt: skip
+
+        # Webcam: the browser sends a frame every 100 ms; the server keeps only the newest.
+        cam_inputs = [cam, cam_prompt, cam_strength, cam_steps, cam_seed]
+        cam.stream(app.webcam, cam_inputs, [cam_out, cam_hud], stream_every=0.1, time_limit=None,
+                   concurrency_limit=16, concurrency_id="webcam", show_progress="hidden",
+                   api_name="live_webcam", api_visibility="undocumented")  # fmt: skip
+
+        # Model picker, and a status line refreshed every second (load progress, errors).
+        load.click(app.switch_model, [preset, base, lora], status, show_progress="minimal", api_name="load_model")
+        gr.Timer(1.0).tick(app.manager.status_markdown, None, status, show_progress="hidden",
+                           api_visibility="private", queue=False)  # fmt: skip
+
+        # Plain API endpoints (request/response, never superseded); each returns a PNG carrying its parameters.
+        with gr.Row(visible=False):
+            api_frame = gr.Image(type="filepath", label="frame")
+            api_t2i = gr.Button("txt2img")
+            api_i2i = gr.Button("img2img")
+            api_cam = gr.Button("webcam_frame")
+        api_t2i.click(_first(app.txt2img), t2i_inputs, t2i_out, api_name="txt2img")
+        api_i2i.click(_first(app.img2img), i2i_inputs, i2i_out, api_name="img2img")
+        api_cam.click(_first(app.webcam), [api_frame, cam_prompt, cam_strength, cam_steps, cam_seed], cam_out,
+                      api_name="webcam_frame")  # fmt: skip
+        demo.unload(app.forget)
+    return demo
+
+
+def _first(handler):
+    """The handler as an API endpoint: the image only, and its own slot (never superseded)."""
+
+    async def endpoint(*args):
+        shown = await handler(*args, request=None)
+        return shown[0]
+
+    endpoint.__name__ = handler.__name__
+    return endpoint

@@ -1,0 +1,128 @@
+"""The live loop with a fake engine whose steps take a known time."""
+
+import threading
+import time
+
+import pytest
+
+from lcm_live.engine import Request
+from lcm_live.live import SUPERSEDED, LiveLoop, Outcome
+from tests.fakes import FakeEngine
+
+
+def generate(prompt, steps=4):
+    return lambda engine, should_stop: engine.generate(Request(prompt=prompt, steps=steps), should_stop)
+
+
+@pytest.fixture
+def loop():
+    engine = FakeEngine(step_s=0.02)
+    live = LiveLoop(engine)
+    yield live
+    live.close()
+
+
+def test_a_job_runs_and_reports_its_times(loop):
+    outcome = loop.run_sync("s1", generate("hello"), timeout=5)
+    assert isinstance(outcome, Outcome)
+    assert outcome.result.params["prompt"] == "hello"
+    assert outcome.run_ms >= 4 * 20 * 0.9 and outcome.wait_ms >= outcome.run_ms
+
+
+def test_superseded_before_start_never_runs(loop):
+    blocker = loop.submit("other", generate("blocker", steps=8))  # holds the worker ~160 ms
+    time.sleep(0.03)
+    first = loop.submit("s1", generate("first"))
+    second = loop.submit("s1", generate("second"))
+    assert first.future.result(timeout=5) == SUPERSEDED
+    assert second.future.result(timeout=5).result.params["prompt"] == "second"
+    blocker.future.result(timeout=5)
+    assert "first" not in loop.engine.started
+    assert loop.stats.dropped == 1
+
+
+def test_superseded_while_running_stops_early(loop):
+    old = loop.submit("s1", generate("old", steps=8))
+    time.sleep(0.05)  # ~2 steps in
+    new = loop.submit("s1", generate("new", steps=4))
+    assert old.future.result(timeout=5) == SUPERSEDED
+    assert new.future.result(timeout=5).result.params["prompt"] == "new"
+    assert loop.engine.steps_run < 8 + 4  # the old job did not run all its steps
+    assert loop.stats.stopped == 1
+
+
+def test_another_session_does_not_stop_a_running_job(loop):
+    mine = loop.submit("s1", generate("mine", steps=6))
+    time.sleep(0.03)
+    theirs = loop.submit("s2", generate("theirs"))
+    assert mine.future.result(timeout=5).result.params["prompt"] == "mine"
+    assert theirs.future.result(timeout=5).result.params["prompt"] == "theirs"
+
+
+def test_results_never_go_back_in_order(loop):
+    jobs = []
+    for i in range(40):  # typing at irregular speed, faster and slower than a job
+        jobs.append(loop.submit("s1", generate(f"prompt {i}", steps=2)))
+        time.sleep(0.005 * (i % 7))
+    outcomes = [job.future.result(timeout=10) for job in jobs]
+    shown = [o.seq for o in outcomes if o != SUPERSEDED]
+    assert shown == sorted(shown) and len(set(shown)) == len(shown)
+    assert outcomes[-1] != SUPERSEDED and outcomes[-1].result.params["prompt"] == "prompt 39"
+
+
+def test_sessions_take_turns(loop):
+    """A session that resubmits as fast as it can (a webcam) does not starve one that types."""
+    stop = threading.Event()
+
+    def webcam():
+        while not stop.is_set():
+            loop.run_sync("cam", generate("frame"), timeout=5)
+
+    streamer = threading.Thread(target=webcam)
+    streamer.start()
+    time.sleep(0.1)
+    waits = []
+    for i in range(5):
+        start = time.perf_counter()
+        loop.run_sync("typist", generate(f"typed {i}"), timeout=5)
+        waits.append(time.perf_counter() - start)
+    stop.set()
+    streamer.join()
+    # at worst the typist waits for the frame in progress, then runs: ~2 job-times (4 steps x 20 ms each)
+    assert max(waits) < 2 * 0.08 * 3
+
+
+def test_a_failing_job_reports_its_error_and_the_loop_keeps_serving(loop):
+    def broken(engine, should_stop):
+        raise MemoryError("pretend out of memory")
+
+    job = loop.submit("s1", broken)
+    with pytest.raises(MemoryError):
+        job.future.result(timeout=5)
+    assert loop.run_sync("s1", generate("after"), timeout=5).result.params["prompt"] == "after"
+
+
+def test_forget_drops_a_leaving_sessions_jobs(loop):
+    loop.submit("other", generate("blocker", steps=8))
+    time.sleep(0.02)
+    pending = loop.submit("gone:txt2img", generate("pending"))
+    loop.forget("gone:")
+    assert pending.future.result(timeout=5) == SUPERSEDED
+
+
+def test_the_real_engine_stops_inside_a_step(sd15_engine):
+    loop = LiveLoop(sd15_engine)
+    try:
+        calls = []
+        hook = sd15_engine.txt2img.unet.register_forward_hook(lambda *args: calls.append(1))
+        stop_after_two = threading.Event()
+
+        def work(engine, should_stop):
+            return engine.generate(Request(prompt="slow", steps=8), lambda: len(calls) >= 2 or should_stop())
+
+        assert loop.run_sync("s1", work, timeout=30) == SUPERSEDED
+        hook.remove()
+        assert len(calls) == 2
+        assert not stop_after_two.is_set()
+    finally:
+        loop.close()

@@ -9,7 +9,7 @@ from lcm_live.settings import Settings
 
 
 def build(settings: Settings):
-    """The Blocks app and its live loop for `settings` (the tests call this too)."""
+    """The Blocks page and its handlers for `settings`; the embedded model serves until the requested one loads."""
     if settings.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     from lcm_live.device import pick_runtime
@@ -31,18 +31,15 @@ def build(settings: Settings):
     return demo, app
 
 
-def main(argv=None) -> None:
-    settings = Settings.from_args(argv)
-    demo, _ = build(settings)
-    demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
-                max_file_size=settings.max_file_size, show_error=True, css=lcm_css())  # fmt: skip
-
-
-def lcm_css() -> str:
+def launch(settings: Settings, **options):
+    """Build and start the server; `options` go to `Blocks.launch` (the tests pass prevent_thread_lock)."""
     from lcm_live.ui import CSS
 
-    return CSS
+    demo, app = build(settings)
+    demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
+                max_file_size=settings.max_file_size, show_error=True, css=CSS, **options)  # fmt: skip
+    return demo, app
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    launch(Settings.from_args(sys.argv[1:]))

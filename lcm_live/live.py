@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,19 @@ from .engine import GenerationStopped
 
 
 SUPERSEDED = "superseded"  # what a dropped or stopped job's future resolves to
+
+
+def _resolve(future: Future, value=None, error: BaseException | None = None) -> None:
+    """Settle `future` unless its waiter already gave up (a closed browser tab cancels it)."""
+    if future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except InvalidStateError:  # cancelled between the check and the set
+        pass
 
 
 @dataclass
@@ -32,6 +45,10 @@ class Job:
     future: Future = field(default_factory=Future)
     stop: threading.Event = field(default_factory=threading.Event)
     started: float | None = None
+
+    def should_stop(self) -> bool:
+        """True once a newer job took this slot, or the waiter left."""
+        return self.stop.is_set() or self.future.cancelled()
 
 
 @dataclass
@@ -78,7 +95,7 @@ class LiveLoop:
             older = self._pending.pop(slot, None)
             if older is not None:
                 self.stats.dropped += 1
-                older.future.set_result(SUPERSEDED)
+                _resolve(older.future, SUPERSEDED)
             if self._running is not None and self._running.slot == slot:
                 self._running.stop.set()
             self._pending[slot] = job  # to the back of the round-robin order
@@ -101,7 +118,7 @@ class LiveLoop:
         """Drop the pending jobs of a session that left."""
         with self._cond:
             for slot in [s for s in self._pending if s.startswith(slot_prefix)]:
-                self._pending.pop(slot).future.set_result(SUPERSEDED)
+                _resolve(self._pending.pop(slot).future, SUPERSEDED)
                 self.stats.dropped += 1
             for slot in [s for s in self._seq if s.startswith(slot_prefix)]:
                 del self._seq[slot]
@@ -117,7 +134,7 @@ class LiveLoop:
         with self._cond:
             self._closed = True
             for job in self._pending.values():
-                job.future.set_result(SUPERSEDED)
+                _resolve(job.future, SUPERSEDED)
             self._pending.clear()
             if self._running is not None:
                 self._running.stop.set()
@@ -130,16 +147,21 @@ class LiveLoop:
             return self._running is not None or bool(self._pending)
 
     # ------------------------------------------------------------------ serving
-    def _next_job(self) -> Job | None:
+    def _next_job(self):
+        """The next job to run and the engine to run it on, in round-robin order; None once closed."""
         with self._cond:
-            while not self._pending and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return None
-            slot, job = self._pending.popitem(last=False)  # the slot that waited longest
-            job.started = time.perf_counter()
-            self._running = job
-            return job, self.engine
+            while True:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return None
+                _, job = self._pending.popitem(last=False)  # the slot that waited longest
+                if job.future.cancelled():  # its waiter left: never run it
+                    self.stats.dropped += 1
+                    continue
+                job.started = time.perf_counter()
+                self._running = job
+                return job, self.engine
 
     def _serve(self) -> None:
         while True:
@@ -147,21 +169,17 @@ class LiveLoop:
             if picked is None:
                 return
             job, engine = picked
-            outcome: Any
             try:
-                result = job.work(engine, job.stop.is_set)
+                result = job.work(engine, job.should_stop)
                 done = time.perf_counter()
-                outcome = Outcome(result, (done - job.submitted) * 1e3, (done - job.started) * 1e3, job.seq)
+                value, error = Outcome(result, (done - job.submitted) * 1e3, (done - job.started) * 1e3, job.seq), None
                 self.stats.ran += 1
             except GenerationStopped:
-                outcome = SUPERSEDED
+                value, error = SUPERSEDED, None
                 self.stats.stopped += 1
-            except BaseException as error:  # the job's caller gets the error; the loop keeps serving
+            except Exception as failure:  # the job's caller gets the error; the loop keeps serving
+                value, error = None, failure
                 self.stats.failed += 1
-                with self._cond:
-                    self._running = None
-                job.future.set_exception(error)
-                continue
             with self._cond:
                 self._running = None
-            job.future.set_result(outcome)
+            _resolve(job.future, value, error)

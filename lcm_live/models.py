@@ -86,14 +86,14 @@ class ModelManager:
         lines = [f"**Model:** {info['model']} · {info['runtime']} · {info['decoder']}"]
         status = self.status
         if status.loading:
-            lines.append(f"⏳ Loading **{status.loading}**: {status.message} ({status.fraction:.0%})")
+            lines.append(f"Loading **{status.loading}**: {status.message} ({status.fraction:.0%})")
         elif status.error:
-            lines.append(f"⚠️ {status.error}")
+            lines.append(f"**Could not load the requested model.** {status.error}")
         if info["embedded"]:
             why = "the requested model could not be loaded (offline and not cached)" if status.error else (
                 "it was chosen" if not status.loading else "the requested model is still loading")  # fmt: skip
             lines.append(
-                f"ℹ️ Serving the **embedded demo model** because {why}. It is a tiny model trained on simple "
+                f"Serving the **embedded demo model** because {why}. It is a tiny model trained on simple "
                 "shapes: try *a yellow triangle on a purple background*."
             )
         return "  \n".join(lines)

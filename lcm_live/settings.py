@@ -17,8 +17,8 @@ class Settings:
     device: str = "auto"  # auto, cuda, mps, cpu
     dtype: str = "auto"  # auto, float16, bfloat16, float32
     taesd: bool = False  # decode live frames with TAESD (fast; full VAE when off)
-    host: str = "127.0.0.1"  # 0.0.0.0 to serve the network
-    port: int = 7860
+    host: str | None = None  # None: Gradio's default (127.0.0.1, or GRADIO_SERVER_NAME); 0.0.0.0 for the network
+    port: int | None = None  # None: 7860 (or GRADIO_SERVER_PORT)
     share: bool = False  # a temporary public gradio.live link
     max_file_size: str = "20mb"  # uploads above this get HTTP 413
     queue_size: int = 64  # queued events above this get "busy, try again"
@@ -63,6 +63,6 @@ def _parse(name: str, raw: str):
         if raw.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"LCM_LIVE_{name.upper()} must be true or false; got {raw!r}.")
-    if kind == "int":
+    if kind in ("int", "int | None"):
         return int(raw)
     return raw

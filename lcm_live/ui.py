@@ -79,10 +79,10 @@ def hud_markdown(outcome: Outcome, fps: float, info: dict, warnings: list[str]) 
     t = timings_dict(outcome.result.timings)
     text = "cached" if t["text_cached"] else f"{t['text_ms']:.0f} ms"
     line = (
-        f"⏱ **{outcome.wait_ms:.0f} ms** · {fps:.1f} fps · text {text} · denoise {t['denoise_ms']:.0f} ms "
+        f"**{outcome.wait_ms:.0f} ms** · {fps:.1f} fps · text {text} · denoise {t['denoise_ms']:.0f} ms "
         f"({t['unet_steps']} steps) · decode {t['decode_ms']:.0f} ms · {info['runtime']} · {html.escape(info['model'])}"
     )
-    return line + "".join(f"  \n⚠️ {html.escape(w)}" for w in warnings)
+    return line + "".join(f"  \n**Warning:** {html.escape(w)}" for w in warnings)
 
 
 class LiveApp:
@@ -239,7 +239,7 @@ def build_ui(app: LiveApp) -> gr.Blocks:
                     guidance = gr.Slider(1.0, 2.0, 1.0, step=0.1, label="Guidance", elem_id="t2i-guidance")
                     with gr.Row():
                         seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="t2i-seed")
-                        randomize = gr.Button("🎲 Random seed", elem_id="t2i-random", scale=0)
+                        randomize = gr.Button("Random seed", elem_id="t2i-random", scale=0)
                     with gr.Row():
                         width = gr.Slider(64, 1024, native, step=8, label="Width", elem_id="t2i-width")
                         height = gr.Slider(64, 1024, native, step=8, label="Height", elem_id="t2i-height")

@@ -1,0 +1,108 @@
+"""The page in a real browser (Debian's chromium through Playwright): typing, sliders, upload, webcam."""
+
+import time
+
+import pytest
+from PIL import Image
+
+from lcm_live.pngmeta import read_params
+
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def page(browser, live_server):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.goto(live_server[0])
+    page.wait_for_selector("#t2i-image img", timeout=60_000)  # the first image, generated on page load
+    yield page
+    context.close()
+
+
+def shown_params(page, image_id: str) -> dict:
+    """The generation parameters inside the PNG the page currently shows in `image_id`."""
+    src = page.locator(f"#{image_id} img").first.get_attribute("src")
+    if not src:
+        return {}
+    return read_params(page.request.get(src).body())
+
+
+def wait_for_params(page, image_id: str, want: dict, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    params = {}
+    while time.monotonic() < deadline:
+        params = shown_params(page, image_id)
+        if all(params.get(k) == v for k, v in want.items()):
+            return params
+        time.sleep(0.1)
+    raise AssertionError(f"{image_id} still shows {params}, expected {want}")
+
+
+def test_typing_key_by_key_ends_on_the_final_prompt(page, artifacts):
+    box = page.locator("#t2i-prompt textarea")
+    box.click()
+    box.press("Control+A")
+    box.press("Delete")
+    final = "a small green square on the right, red background"
+    box.press_sequentially(final, delay=70)  # ~14 characters a second, a fast typist
+    params = wait_for_params(page, "t2i-image", {"prompt": final})
+    time.sleep(1.0)  # nothing older may replace it afterwards
+    assert shown_params(page, "t2i-image")["prompt"] == final
+    assert params["steps"] == 4
+    assert "ms" in page.locator("#t2i-hud").inner_text()
+    page.screenshot(path=str(artifacts / "txt2img.png"), full_page=True)
+
+
+def test_dragging_a_slider_ends_on_its_final_value(page, artifacts):
+    slider = page.locator("#t2i-steps input[type=range]")
+    box = slider.bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * 0.5, y)
+    page.mouse.down()
+    for fraction in (0.6, 0.75, 0.9, 0.2, 0.05):  # right, then back to the left end
+        page.mouse.move(box["x"] + box["width"] * fraction, y, steps=5)
+    page.mouse.up()
+    value = int(page.locator("#t2i-steps input[type=number]").input_value())
+    assert value == 1
+    wait_for_params(page, "t2i-image", {"steps": value})
+    time.sleep(1.0)
+    assert shown_params(page, "t2i-image")["steps"] == value
+    page.screenshot(path=str(artifacts / "slider.png"), full_page=True)
+
+
+def test_uploading_an_image_runs_image_to_image(page, artifacts, tmp_path):
+    picture = tmp_path / "upload.png"
+    Image.new("RGB", (160, 120), (30, 144, 255)).save(picture)
+    page.get_by_role("tab", name="Image to image").click()
+    page.locator("#i2i-input input[type=file]").set_input_files(str(picture))
+    params = wait_for_params(page, "i2i-image", {"mode": "img2img"})
+    assert params["width"] > params["height"]  # the upload's aspect is kept
+    page.locator("#i2i-prompt textarea").fill("a red circle")
+    wait_for_params(page, "i2i-image", {"mode": "img2img", "prompt": "a red circle"})
+    page.screenshot(path=str(artifacts / "img2img.png"), full_page=True)
+
+
+def test_webcam_streams_distinct_frames(page, artifacts):
+    page.get_by_role("tab", name="Webcam").click()
+    page.get_by_text("Click to Access Webcam").click()
+    page.locator("#cam-input video").wait_for(state="visible", timeout=20_000)
+    page.locator("#cam-input").get_by_role("button").filter(has_text="Record").or_(
+        page.locator("#cam-input button[aria-label*='ecord']")
+    ).first.click()
+    seen = set()
+    deadline = time.monotonic() + 30
+    while len(seen) < 4 and time.monotonic() < deadline:
+        src = (
+            page.locator("#cam-image img").first.get_attribute("src")
+            if page.locator("#cam-image img").count()
+            else None
+        )
+        if src:
+            seen.add(src)
+        time.sleep(0.1)
+    assert len(seen) >= 4, f"only {len(seen)} distinct output frames arrived"
+    params = shown_params(page, "cam-image")
+    assert params["mode"] == "img2img"
+    page.screenshot(path=str(artifacts / "webcam.png"), full_page=True)

@@ -209,14 +209,21 @@ class Engine:
         self.native_size = spec.native_size or pipe.unet.config.sample_size * pipe.vae_scale_factor
         self._embeddings: OrderedDict[tuple, dict] = OrderedDict()
         self._lock = threading.Lock()
+        self.notes: list[str] = []  # things the user should know about this load (shown on the page)
 
     @classmethod
     def load(cls, spec: ModelSpec, runtime: Runtime, taesd: bool = False, local_files_only: bool = False,
              warmup: bool = True, progress=None) -> Engine:  # fmt: skip
         """Load `spec` once: weights, LoRA fused, LCMScheduler; optional TAESD; one warm-up run."""
         pipe, family = load_pipeline(spec, runtime, local_files_only, progress)
-        tiny = load_taesd(family, runtime, local_files_only) if taesd else None
+        tiny, notes = None, []
+        if taesd:
+            try:
+                tiny = load_taesd(family, runtime, local_files_only)
+            except ModelLoadError as error:  # the full VAE still works: serve with it and say so
+                notes.append(f"TAESD unavailable, decoding with the full VAE. {error}")
         engine = cls(pipe, spec, runtime, family, tiny)
+        engine.notes = notes
         if warmup:
             if progress:
                 progress(0.95, "Warming up")

@@ -16,7 +16,7 @@ class Settings:
     lora: str | None = None  # custom LCM-LoRA id, folder or .safetensors file
     device: str = "auto"  # auto, cuda, mps, cpu
     dtype: str = "auto"  # auto, float16, bfloat16, float32
-    taesd: bool = False  # decode live frames with TAESD (fast; full VAE when off)
+    taesd: bool = True  # decode live frames with TAESD (fast), the settled image with the full VAE
     host: str | None = None  # None: Gradio's default (127.0.0.1, or GRADIO_SERVER_NAME); 0.0.0.0 for the network
     port: int | None = None  # None: 7860 (or GRADIO_SERVER_PORT)
     share: bool = False  # a temporary public gradio.live link

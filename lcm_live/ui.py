@@ -6,6 +6,7 @@ generation runs; the live loop drops or stops stale work and only the newest req
 
 from __future__ import annotations
 
+import asyncio
 import html
 import random
 import tempfile
@@ -31,6 +32,7 @@ PHOTO_PROMPT = (
     "close-up photography of old man standing in the rain at night, in a street lit by lamps, leica 35mm summilux"
 )
 SWEEP_STEPS = range(1, 9)
+SETTLE_AFTER_S = 0.5  # input still this long: decode the last latents again with the full VAE
 CSS = """
 .live-image img { image-rendering: pixelated; object-fit: contain; }
 .hud { font-family: ui-monospace, monospace; font-size: 0.85em; }
@@ -92,6 +94,7 @@ class LiveApp:
         self.manager, self.loop = manager, loop
         self.store = store or OutputStore()
         self.rates = RateMeter()
+        self._previews: OrderedDict[str, tuple[int, object, dict]] = OrderedDict()  # slot -> (seq, latents, params)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -113,6 +116,10 @@ class LiveApp:
             gr.Warning(warning)
         fps = self.rates.tick(slot)
         path = self.store.save(result.image, result.params)
+        if result.params.get("decoder") == "tiny" and result.latents is not None:
+            self._previews[slot] = (outcome.seq, result.latents, result.params)
+            while len(self._previews) > 256:
+                self._previews.popitem(last=False)
         return path, hud_markdown(outcome, fps, self.loop.engine.info, warnings)
 
     # ------------------------------------------------------------------ handlers
@@ -173,6 +180,25 @@ class LiveApp:
         grid, results = outcome.result
         params = {**results[0].params, "steps": list(SWEEP_STEPS), "kind": "step sweep"}
         return self.store.save(grid, params)
+
+    async def settle(self, tab: str, request: gr.Request | None):
+        """Once input has been still for a moment, replace a TAESD preview by the full VAE's decode of it."""
+        await asyncio.sleep(SETTLE_AFTER_S)
+        slot = self.slot(request, tab)
+        preview = self._previews.get(slot)
+        if preview is None or preview[0] != self.loop.latest_seq(slot):
+            return gr.skip()  # newer input came, or nothing to upgrade
+        _, latents, params = self._previews.pop(slot)
+        outcome = await self.loop.run(slot, lambda engine, should_stop: engine.decode(latents, "full")[0])
+        if outcome == SUPERSEDED:
+            return gr.skip()
+        return self.store.save(outcome.result, {**params, "decoder": "full"})
+
+    async def settle_txt2img(self, request: gr.Request):
+        return await self.settle("txt2img", request)
+
+    async def settle_img2img(self, request: gr.Request):
+        return await self.settle("img2img", request)
 
     def switch_model(self, preset, base, lora):
         try:
@@ -294,7 +320,8 @@ def build_ui(app: LiveApp) -> gr.Blocks:
         # Text to image: every keystroke and slider move regenerates.
         t2i_inputs = [prompt, negative, steps, guidance, seed, width, height]
         gr.on([c.change for c in t2i_inputs], app.txt2img, t2i_inputs, [t2i_out, t2i_hud],
-              api_name="live_txt2img", api_visibility="undocumented", **live)  # fmt: skip
+              api_name="live_txt2img", api_visibility="undocumented", **live).then(
+            app.settle_txt2img, None, t2i_out, show_progress="hidden", api_visibility="private")  # fmt: skip
         randomize.click(lambda: random.randint(0, MAX_SEED), None, seed, show_progress="hidden",
                         api_visibility="private")  # fmt: skip
         sweep_button.click(app.sweep, [prompt, negative, guidance, seed, width, height], sweep_out,
@@ -305,7 +332,8 @@ def build_ui(app: LiveApp) -> gr.Blocks:
         # Image to image.
         i2i_inputs = [i2i_in, i2i_prompt, i2i_strength, i2i_steps, i2i_seed]
         gr.on([c.change for c in i2i_inputs], app.img2img, i2i_inputs, [i2i_out, i2i_hud],
-              api_name="live_img2img", api_visibility="undocumented", **live)  # fmt: skip
+              api_name="live_img2img", api_visibility="undocumented", **live).then(
+            app.settle_img2img, None, i2i_out, show_progress="hidden", api_visibility="private")  # fmt: skip
 
         # Webcam: the browser sends a frame every 100 ms; the server keeps only the newest.
         cam_inputs = [cam, cam_prompt, cam_strength, cam_steps, cam_seed]

@@ -52,6 +52,7 @@ def test_typing_key_by_key_ends_on_the_final_prompt(page, artifacts):
     assert shown_params(page, "t2i-image")["prompt"] == final
     assert params["steps"] == 4
     assert "ms" in page.locator("#t2i-hud").inner_text()
+    assert "embedded demo model" in page.locator("#model-status").inner_text()  # the offline note is visible
     page.screenshot(path=str(artifacts / "txt2img.png"), full_page=True)
 
 

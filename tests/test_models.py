@@ -1,0 +1,87 @@
+"""Model management: start-up fallback, background switching with progress, and the settle upgrade."""
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import pytest
+from diffusers import AutoencoderTiny
+
+from lcm_live.device import pick_runtime
+from lcm_live.live import LiveLoop
+from lcm_live.models import ModelManager
+from lcm_live.pngmeta import read_params
+from lcm_live.presets import PRESETS, ModelSpec
+from lcm_live.settings import Settings
+from lcm_live.ui import LiveApp
+
+
+@pytest.fixture
+def manager():
+    manager = ModelManager(pick_runtime("cpu", "float32"), taesd=False, offline=True)
+    loop = LiveLoop(manager.load_now(PRESETS["demo"]))
+    manager.attach(loop)
+    yield manager
+    loop.close()
+
+
+def test_an_unreachable_model_leaves_the_embedded_model_serving_and_says_why(manager):
+    assert manager.switch(PRESETS["sd15"])
+    manager.wait(60)
+    text = manager.status_markdown()
+    assert manager.engine.info["embedded"]
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in text and "hf download" in text
+    assert "embedded demo model" in text and "offline and not cached" in text
+
+
+def test_switching_loads_in_the_background_and_takes_over(manager, tiny_models):
+    paths = tiny_models["sdxl"]
+    seen_progress = []
+    assert manager.switch(ModelSpec(paths["base"], paths["lora"]))
+    while manager.status.loading:
+        seen_progress.append(manager.status_markdown())
+        time.sleep(0.01)
+    manager.wait(60)
+    assert any("Loading" in line for line in seen_progress)
+    assert manager.engine.family == "sdxl" and manager.status.error is None
+    assert not manager.engine.info["embedded"]
+    result = manager.loop.run_sync("s", lambda engine, stop: engine.generate(_request("after switch"), stop), 30)
+    assert result.result.params["model"] == paths["base"]
+
+
+def run_async(coroutine):
+    """Run a coroutine to the end on a thread of its own (the browser tests keep a loop on this one)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+def _request(prompt):
+    from lcm_live.engine import Request
+
+    return Request(prompt=prompt)
+
+
+def test_settings_from_env_and_flags():
+    env = {"LCM_LIVE_PRESET": "sdxl", "LCM_LIVE_TAESD": "false", "LCM_LIVE_PORT": "9000"}
+    assert Settings.from_env(env) == Settings(preset="sdxl", taesd=False, port=9000)
+    flags = Settings.from_args(["--preset", "demo", "--taesd", "--dtype", "float32"], environ=env)
+    assert flags.preset == "demo" and flags.taesd and flags.dtype == "float32" and flags.port == 9000
+    with pytest.raises(ValueError, match="LCM_LIVE_SHARE must be true or false"):
+        Settings.from_env({"LCM_LIVE_SHARE": "maybe"})
+
+
+def test_settle_upgrade_replaces_the_tiny_preview_with_the_full_decode(manager):
+    engine = manager.engine
+    engine.tiny_vae = AutoencoderTiny()  # TAESD's architecture; random weights are fine for the mechanism
+    app = LiveApp(manager, manager.loop)
+    session = SimpleNamespace(session_hash="settle-test")
+    try:
+        preview, _ = run_async(app.txt2img("still input", "", 4, 1.0, 0, 64, 64, request=session))
+        assert read_params(preview)["decoder"] == "tiny"
+        sharp = run_async(app.settle("txt2img", session))
+        params = read_params(sharp)
+        assert params["decoder"] == "full" and params["prompt"] == "still input"
+        assert run_async(app.settle("txt2img", session)) != sharp  # nothing left to upgrade: skipped
+    finally:
+        engine.tiny_vae = None

@@ -116,12 +116,13 @@ def _sync(device: str) -> None:
 
 
 def _load_error(model_id: str, what: str, error: Exception) -> ModelLoadError:
-    local = Path(model_id).exists()
-    how = (
-        f"the folder exists but is not a diffusers {what}"
-        if local
-        else f"download it once with network (`hf download {model_id}`), or pass a local folder"
-    )
+    path = Path(model_id).expanduser()
+    if path.exists():
+        how = f"the path exists but is not a diffusers {what}"
+    elif path.is_absolute() or model_id.startswith((".", "~")) or model_id.count("/") > 1:
+        how = f"no such file or folder: {path}"
+    else:
+        how = f"download it once with network (`hf download {model_id}`), or pass a local folder"
     return ModelLoadError(f"Could not load {what} '{model_id}': {type(error).__name__}: {error}. To fix: {how}.")
 
 

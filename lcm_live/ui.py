@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import html
 import random
+import re
 import tempfile
 import threading
 import time
@@ -17,10 +18,11 @@ from collections import OrderedDict, deque
 from pathlib import Path
 
 import gradio as gr
+from gradio.context import LocalContext
 from PIL import Image, ImageDraw
 
 from .engine import MAX_SEED, GenerationError, Request, timings_dict
-from .inputs import InputError, clean_prompt, load_image
+from .inputs import InputError, clean_prompt, image_from_payload, load_image
 from .live import SUPERSEDED, LiveLoop, Outcome
 from .models import ModelManager, preset_choices
 from .pngmeta import save_png
@@ -32,6 +34,7 @@ PHOTO_PROMPT = (
     "close-up photography of old man standing in the rain at night, in a street lit by lamps, leica 35mm summilux"
 )
 SWEEP_STEPS = range(1, 9)
+API_CONCURRENCY = 4  # plain API calls (/txt2img, /img2img, /webcam_frame) running at once; more wait in the queue
 SETTLE_AFTER_S = 0.5  # input still this long: decode the last latents again with the full VAE
 CSS = """
 .live-image img { image-rendering: pixelated; object-fit: contain; }
@@ -84,7 +87,37 @@ def hud_markdown(outcome: Outcome, fps: float, info: dict, warnings: list[str]) 
         f"**{outcome.wait_ms:.0f} ms** · {fps:.1f} fps · text {text} · denoise {t['denoise_ms']:.0f} ms "
         f"({t['unet_steps']} steps) · decode {t['decode_ms']:.0f} ms · {info['runtime']} · {html.escape(info['model'])}"
     )
-    return line + "".join(f"  \n**Warning:** {html.escape(w)}" for w in warnings)
+    return line + "".join(f"  \n**Warning:** {_markdown_text(w)}" for w in warnings)
+
+
+def _markdown_text(text: str) -> str:
+    """User text shown inside Markdown as itself: no HTML, no links, images or emphasis."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", html.escape(text, quote=False))
+
+
+def _toast_text(text: str) -> str:
+    """gr.Error and gr.Warning render their message as HTML: user text in it must be escaped."""
+    return html.escape(text, quote=False)
+
+
+class ImageInput(gr.Image):
+    """An image input whose preprocess is ours (inputs.load_image): upright RGB at the working size, or a gr.Error.
+
+    Gradio's own preprocess decodes a data: URL at full size, with no size limit, and re-encodes some uploads
+    before any check; a file that is not an image came back as a long internal message naming the component.
+    """
+
+    def get_block_name(self) -> str:
+        return "image"  # the front end's stock Image component
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        blocks = LocalContext.blocks.get(None)
+        try:
+            return image_from_payload(payload.path, payload.url, getattr(blocks, "max_file_size", None))
+        except InputError as error:
+            raise gr.Error(_toast_text(str(error))) from error
 
 
 class LiveApp:
@@ -107,13 +140,13 @@ class LiveApp:
         try:
             outcome = await self.loop.run(slot, lambda engine, should_stop: engine.generate(request, should_stop))
         except (ValueError, GenerationError) as error:
-            raise gr.Error(str(error)) from error
+            raise gr.Error(_toast_text(str(error))) from error
         if outcome == SUPERSEDED:
             return None
         result = outcome.result
         warnings = warnings + result.warnings
         for warning in warnings:
-            gr.Warning(warning)
+            gr.Warning(_toast_text(warning))
         fps = self.rates.tick(slot)
         path = self.store.save(result.image, result.params)
         if result.params.get("decoder") == "tiny" and result.latents is not None:
@@ -138,7 +171,7 @@ class LiveApp:
         try:
             picture = load_image(image)
         except InputError as error:
-            raise gr.Error(str(error)) from error
+            raise gr.Error(_toast_text(str(error))) from error
         prompt, warnings = clean_prompt(prompt)
         req = Request(prompt=prompt, image=picture, strength=_float(strength, "strength"),
                       steps=_int(steps, "steps"), seed=_int(seed, "seed"))  # fmt: skip
@@ -154,7 +187,7 @@ class LiveApp:
         try:
             picture = load_image(frame)
         except InputError as error:
-            raise gr.Error(str(error)) from error
+            raise gr.Error(_toast_text(str(error))) from error
         prompt, warnings = clean_prompt(prompt)
         req = Request(prompt=prompt, image=picture, strength=_float(strength, "strength"),
                       steps=_int(steps, "steps"), seed=_int(seed, "seed"))  # fmt: skip
@@ -174,7 +207,7 @@ class LiveApp:
         try:
             outcome = await self.loop.run(self.slot(request, "sweep"), work)
         except (ValueError, GenerationError) as error:
-            raise gr.Error(str(error)) from error
+            raise gr.Error(_toast_text(str(error))) from error
         if outcome == SUPERSEDED:
             return gr.skip()
         grid, results = outcome.result
@@ -204,7 +237,7 @@ class LiveApp:
         try:
             spec = resolve_spec(preset, (base or "").strip() or None, (lora or "").strip() or None)
         except ValueError as error:
-            raise gr.Error(str(error)) from error
+            raise gr.Error(_toast_text(str(error))) from error
         if not self.manager.switch(spec):
             gr.Warning("A model is already loading; wait for it to finish.")
         return self.manager.status_markdown()
@@ -246,11 +279,12 @@ def examples() -> list[str]:
     return sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
 
 
-def build_ui(app: LiveApp) -> gr.Blocks:
+def build_ui(app: LiveApp, trigger_mode: str = "multiple") -> gr.Blocks:
+    """The page. `trigger_mode="always_last"` gives Gradio's stock debounce instead (for comparisons)."""
     info = app.manager.engine.info
     native = int(info["native_size"])
     default_prompt = DEMO_PROMPT if info["embedded"] else PHOTO_PROMPT
-    live = dict(trigger_mode="multiple", show_progress="hidden", concurrency_limit=None)
+    live = dict(trigger_mode=trigger_mode, show_progress="hidden", concurrency_limit=None)
     with gr.Blocks(title="lcm-live", delete_cache=(300, 900)) as demo:
         gr.Markdown(
             "# lcm-live\nThe image follows your prompt as you type: a 4-step LCM-LoRA pipeline, newest input wins."
@@ -278,7 +312,7 @@ def build_ui(app: LiveApp) -> gr.Blocks:
                                          elem_id="t2i-sweep-image", elem_classes="live-image")  # fmt: skip
             with gr.Tab("Image to image", id="img2img"), gr.Row():
                 with gr.Column():
-                    i2i_in = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Input image",
+                    i2i_in = ImageInput(type="pil", sources=["upload", "clipboard"], label="Input image",
                                       elem_id="i2i-input", height=300)  # fmt: skip
                     if examples():
                         gr.Examples(examples(), inputs=[i2i_in], label="Examples")
@@ -293,7 +327,7 @@ def build_ui(app: LiveApp) -> gr.Blocks:
             with gr.Tab("Webcam", id="webcam"):
                 with gr.Row():
                     with gr.Column():
-                        cam = gr.Image(sources=["webcam"], streaming=True, type="pil", label="Webcam",
+                        cam = ImageInput(sources=["webcam"], streaming=True, type="pil", label="Webcam",
                                        webcam_options=gr.WebcamOptions(mirror=True, constraints={
                                            "video": {"width": {"ideal": 640}, "height": {"ideal": 480}}}),
                                        elem_id="cam-input")  # fmt: skip
@@ -348,14 +382,18 @@ def build_ui(app: LiveApp) -> gr.Blocks:
 
         # Plain API endpoints (request/response, never superseded); each returns a PNG carrying its parameters.
         with gr.Row(visible=False):
-            api_frame = gr.Image(type="filepath", label="frame")
+            api_frame = ImageInput(type="pil", label="frame")
             api_t2i = gr.Button("txt2img")
             api_i2i = gr.Button("img2img")
             api_cam = gr.Button("webcam_frame")
-        api_t2i.click(_first(app.txt2img), t2i_inputs, t2i_out, api_name="txt2img")
-        api_i2i.click(_first(app.img2img), i2i_inputs, i2i_out, api_name="img2img")
+        # They share API_CONCURRENCY places: each call is its own slot in the round-robin, so without a cap a burst of
+        # API calls would queue inside the live loop (ahead of every browser user) instead of in Gradio's queue,
+        # whose max_size then refuses the excess with "queue is full".
+        api = dict(concurrency_limit=API_CONCURRENCY, concurrency_id="api")
+        api_t2i.click(_first(app.txt2img), t2i_inputs, t2i_out, api_name="txt2img", **api)
+        api_i2i.click(_first(app.img2img), i2i_inputs, i2i_out, api_name="img2img", **api)
         api_cam.click(_first(app.webcam), [api_frame, cam_prompt, cam_strength, cam_steps, cam_seed], cam_out,
-                      api_name="webcam_frame")  # fmt: skip
+                      api_name="webcam_frame", **api)  # fmt: skip
         demo.unload(app.forget)
     return demo
 

@@ -222,7 +222,10 @@ class LiveApp:
         if preview is None or preview[0] != self.loop.latest_seq(slot):
             return gr.skip()  # newer input came, or nothing to upgrade
         _, latents, params = self._previews.pop(slot)
-        outcome = await self.loop.run(slot, lambda engine, should_stop: engine.decode(latents, "full")[0])
+        try:
+            outcome = await self.loop.run(slot, lambda engine, should_stop: engine.decode(latents, "full")[0])
+        except Exception:  # e.g. the model was switched meanwhile: keep the preview
+            return gr.skip()
         if outcome == SUPERSEDED:
             return gr.skip()
         return self.store.save(outcome.result, {**params, "decoder": "full"})

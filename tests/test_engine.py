@@ -170,3 +170,5 @@ def test_sdxl_generates_with_guidance(tiny_models, cpu32):
     engine = Engine.load(ModelSpec(paths["base"], paths["lora"]), cpu32, warmup=False)
     result = engine.generate(Request(prompt="xl", negative_prompt="bad", guidance_scale=1.5, width=64, height=96))
     assert result.image.size == (64, 96) and result.timings.unet_steps == 4
+    edited = engine.generate(Request(prompt="xl edit", image=result.image, strength=0.5))
+    assert edited.params["mode"] == "img2img" and edited.timings.unet_steps == 2

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+
 OUT = Path(__file__).resolve().parent.parent / "assets" / "examples"
 SCENES = {
     "red-circle-on-blue.png": ((40, 70, 200), "ellipse", (220, 40, 40), (56, 56, 200, 200)),

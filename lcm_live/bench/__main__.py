@@ -1,0 +1,298 @@
+"""python -m lcm_live.bench {engine,compare,live,table,sweep} [--smoke] [--out DIR]: see docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import core
+from .report import bar_chart, table
+
+
+SMOKE_ARCH, SMOKE_SIZE = "tiny-sd15", 64
+
+
+def _runtime(args, dtype: str | None = None):
+    from ..device import pick_runtime
+
+    return pick_runtime(args.device, dtype or args.dtype)
+
+
+def _save(args, name: str, data: dict, markdown: str) -> dict:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {"command": " ".join(["python -m lcm_live.bench", *sys.argv[1:]]), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), **data}  # fmt: skip
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1, default=str))
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
+    return data
+
+
+# ---------------------------------------------------------------------- engine
+def cmd_engine(args) -> dict:
+    from PIL import Image
+
+    from ..engine import Request
+
+    runtime = _runtime(args)
+    engine = core.make_engine(args.arch, runtime, taesd=True, model=args.model)
+    size = args.size or engine.native_size
+    decoders = ["tiny", "full"] if args.decoder == "both" else [args.decoder]
+    init = Image.new("RGB", (size, size), (120, 90, 60))
+    rows = []
+    for mode in ("txt2img", "img2img"):
+        for decoder in decoders:
+            request = Request(prompt=core.PROMPT, steps=args.steps, width=size, height=size, decoder=decoder,
+                              image=init if mode == "img2img" else None, strength=args.strength)  # fmt: skip
+            stats = core.time_request(engine, request, repeats=args.repeats)
+            rows.append({**stats, "mode": mode, "decoder": "TAESD" if decoder == "tiny" else "VAE"})
+    device = core.device_name(runtime.device)
+    header = ["mode", "decoder", "text (ms)", "UNet steps (ms)", "decode (ms)", "total (ms)",
+              "total, prompt cached (ms)", "peak memory (MiB)"]  # fmt: skip
+    body = [[r["mode"], r["decoder"], r["text_ms"], " / ".join(f"{s:.0f}" for s in r["step_ms"]), r["decode_ms"],
+             r["total_ms"], r["total_cached_text_ms"], r["peak_memory_mb"]] for r in rows]  # fmt: skip
+    title = f"engine: {engine.spec.name}, {size}x{size}, {args.steps} steps, {runtime.label}, {device}"
+    bar_chart(Path(args.out) / "engine.png", title,
+              [(f"{r['mode']} {r['decoder']}", [("text", r["text_ms"]), ("UNet", sum(r["step_ms"])),
+                                               ("decode", r["decode_ms"])]) for r in rows])  # fmt: skip
+    data = dict(arch=args.arch, model=args.model, size=size, steps=args.steps, runtime=runtime.label, device=device,
+                rows=rows)  # fmt: skip
+    return _save(args, "engine", data, f"### {title}\n\n{table(header, body)}")
+
+
+# ---------------------------------------------------------------------- compare
+def cmd_compare(args) -> dict:
+    from ..device import Runtime
+    from ..engine import Request
+
+    size = args.size or (SMOKE_SIZE if args.smoke else 512)
+    arch = args.arch
+    live_rt = _runtime(args)
+    blog_rt = Runtime("cpu", torch.float32, False)
+    blog = core.make_engine(arch, blog_rt, taesd=False)
+    live = core.make_engine(arch, live_rt, taesd=True)
+
+    def blog_call():  # the LCM-LoRA blog's code path: a plain pipeline call, fp32, full VAE, 4 steps
+        return blog.txt2img(prompt=core.PROMPT, num_inference_steps=4, guidance_scale=1.0, width=size,
+                            height=size).images[0]  # fmt: skip
+
+    request = Request(prompt=core.PROMPT, steps=4, width=size, height=size, decoder="tiny")
+
+    def live_call():  # lcm-live's default CPU path; the prompt's embeddings are cached after the warm-up
+        return live.generate(request)
+
+    blog_call(), live_call()  # warm-up (also fills the embedding cache)
+    times = {"blog": [], "lcm-live": []}
+    for _ in range(args.rounds):  # A/B/A/B: both see the same machine load
+        for name, call in (("blog", blog_call), ("lcm-live", live_call)):
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    fl_blog, fl_live = core.stage_flops(blog, size, size, "full"), core.stage_flops(live, size, size, "tiny")
+    peak32 = core.machine_peak("cpu", torch.float32, seconds=args.peak_s, small=args.smoke)
+    peak_live = core.machine_peak("cpu", live_rt.dtype, seconds=args.peak_s, small=args.smoke)
+    flops_blog = fl_blog["text"] + 4 * fl_blog["unet_step"] + fl_blog["decode"]
+    flops_live = 4 * fl_live["unet_step"] + fl_live["decode"]  # text cached
+    results = {}
+    for name, flops, peak in (("blog", flops_blog, peak32), ("lcm-live", flops_live, peak_live)):
+        median = statistics.median(times[name])
+        floor = flops / (peak["peak_gflops"] * 1e9)
+        results[name] = dict(times_s=[round(t, 3) for t in times[name]], median_s=round(median, 3),
+                             tflop=round(flops / 1e12, 3), peak=peak, floor_s=round(floor, 3),
+                             x_floor=round(median / floor, 2))  # fmt: skip
+    ratio = results["blog"]["median_s"] / results["lcm-live"]["median_s"]
+    device = core.device_name("cpu")
+    header = ["path", "runs (s)", "median (s)", "TFLOP", "achieved peak (GFLOP/s)", "floor (s)", "x floor"]
+    labels = {"blog": "blog: fp32, full VAE, pipeline call", "lcm-live": f"lcm-live: {live_rt.label}, "
+              "channels_last, TAESD, cached text"}  # fmt: skip
+    body = [[labels[n], ", ".join(map(str, r["times_s"])), r["median_s"], r["tflop"], r["peak"]["peak_gflops"],
+             r["floor_s"], r["x_floor"]] for n, r in results.items()]  # fmt: skip
+    title = f"compare: {arch} {size}x{size}, 4 LCM steps, {device}"
+    markdown = f"### {title}\n\n{table(header, body)}\n**lcm-live is {ratio:.2f}x faster than the blog path.**\n"
+    bar_chart(Path(args.out) / "compare.png", title,
+              [(labels[n], [("run", r["median_s"] * 1e3), ("floor", r["floor_s"] * 1e3)]) for n, r in results.items()],
+              stacked=False)  # fmt: skip
+    data = dict(arch=arch, size=size, device=device, rounds=args.rounds, ratio=round(ratio, 2), results=results,
+                flops={"blog": fl_blog, "lcm-live": fl_live})  # fmt: skip
+    return _save(args, "compare", data, markdown)
+
+
+# ---------------------------------------------------------------------- live
+def cmd_live(args) -> dict:
+    from . import live
+
+    step_s, decode_s, steps = args.step_ms / 1e3, args.decode_ms / 1e3, 4
+    scale = args.scale
+    model_s = steps * step_s + decode_s  # unscaled model-time T
+    results = []
+    from ..engine import Request
+
+    probe = live.CalibratedEngine(step_s / scale, decode_s / scale)
+    measured = statistics.median(probe.generate(Request(steps=steps)).timings.total_ms / 1e3 for _ in range(3))
+    for trace_name, events in live.traces(model_s, smoke=args.smoke).items():
+        for policy in (live.LiveLoopPolicy, live.AlwaysLastPolicy):
+            engine = live.CalibratedEngine(step_s / scale, decode_s / scale)
+            row = live.replay(policy, engine, engine, events, scale, measured, steps, gap_s=model_s)
+            results.append(dict(engine="calibrated", trace=trace_name, **row))
+    if args.real:
+        results += _live_real(args, live)
+    header = ["engine", "trace", "policy", "bursts settled", "latency median (T)", "latency p95 (T)",
+              "latency max (T)", "UNet steps per burst", "images shown", "stale shown"]  # fmt: skip
+    body = [[r["engine"], r["trace"], r["policy"], f"{r['settled']}/{r['bursts']}", r["latency_T_median"],
+             r["latency_T_p95"], r["latency_T_max"], r["steps_per_burst"], r["images_shown"], r["stale_shown"]]
+            for r in results]  # fmt: skip
+    title = (f"live: calibrated engine {args.step_ms:.0f} ms/step + {args.decode_ms:.0f} ms decode "
+             f"(T = {model_s:.2f} s), time scale 1/{scale:g}")  # fmt: skip
+    markdown = f"### {title}\n\n{table(header, body)}\nT: one undisturbed generation (model-time).\n"
+    data = dict(
+        step_ms=args.step_ms,
+        decode_ms=args.decode_ms,
+        scale=scale,
+        model_s=model_s,
+        measured_model_s=measured * scale,
+        results=results,
+    )
+    return _save(args, "live", data, markdown)
+
+
+def _live_real(args, live) -> list[dict]:
+    from ..engine import Request
+
+    engine = core.make_engine("embedded", _runtime(args), taesd=False)
+    size = SMOKE_SIZE if engine.native_size > 256 else engine.native_size
+    counter = live.BlockCounter(engine)
+    times = []
+    for i in range(8):  # the first runs are slower (kernel selection): the median of the last 5
+        start = time.perf_counter()
+        engine.generate(Request(prompt=f"calibrate {i}", steps=4, width=size, height=size))
+        times.append(time.perf_counter() - start)
+    model_s = statistics.median(times[3:])
+    rows = []
+    for trace_name, events in live.traces(model_s, smoke=args.smoke).items():
+        for policy in (live.LiveLoopPolicy, live.AlwaysLastPolicy):
+            row = live.replay(policy, engine, counter, events, 1.0, model_s, 4, gap_s=model_s, size=size)
+            rows.append(dict(engine=f"{engine.spec.name} (T = {model_s * 1e3:.0f} ms)", trace=trace_name, **row))
+    return rows
+
+
+# ---------------------------------------------------------------------- table
+def cmd_table(args) -> dict:
+    arch = args.arch
+    runtime = _runtime(args)
+    engine = core.make_engine(arch, runtime, taesd=False, model=args.model)
+    native = engine.native_size
+    size = args.size or native
+    from ..engine import Request
+
+    lcm = core.timed(lambda: engine.generate(Request(prompt=core.PROMPT, steps=4, width=size, height=size,
+                                                     decoder="full")), args.repeats, runtime.device)  # fmt: skip
+    standard = core.timed(core.standard_call(engine, size, args.standard_steps), args.repeats, runtime.device)
+    device = core.device_name(runtime.device)
+    note = "" if size == native else f" (**size overridden**: the release's table uses {native}x{native})"
+    header = ["hardware", "model", "size", "LCM-LoRA (4 steps)", f"standard ({args.standard_steps} steps, CFG 7.5)",
+              "speed-up"]  # fmt: skip
+    body = [[f"{device}, {runtime.label}", engine.spec.name, f"{size}x{size}", f"{lcm:.2f} s", f"{standard:.2f} s",
+             f"{standard / lcm:.1f}x"]]  # fmt: skip
+    markdown = f"### table: batch 1, full VAE decode{note}\n\n{table(header, body)}"
+    data = dict(arch=arch, size=size, native_size=native, device=device, runtime=runtime.label, lcm4_s=round(lcm, 3),
+                standard_s=round(standard, 3), standard_steps=args.standard_steps, speedup=round(standard / lcm, 2))  # fmt: skip
+    return _save(args, "table", data, markdown)
+
+
+# ---------------------------------------------------------------------- sweep
+def cmd_sweep(args) -> dict:
+    from PIL import Image, ImageDraw
+
+    from ..engine import Request
+
+    engine = core.make_engine("embedded" if not args.smoke else SMOKE_ARCH, _runtime(args), taesd=False,
+                              model=args.model)  # fmt: skip
+    size = args.size or min(engine.native_size, 256)
+    prompt = args.prompt or "a yellow triangle on a purple background"
+    cells, rows = [], []
+    for steps in range(1, 9):
+        result = engine.generate(Request(prompt=prompt, steps=steps, seed=1337, width=size, height=size,
+                                         decoder="full"))  # fmt: skip
+        cells.append(result.image)
+        rows.append(dict(steps=steps, total_ms=round(result.timings.total_ms, 1)))
+    label_h = 16
+    grid = Image.new("RGB", (size * 8, size + label_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, cell in enumerate(cells):
+        grid.paste(cell, (i * size, label_h))
+        draw.text((i * size + 4, 2), f"{i + 1} step{'s' if i else ''}", fill="black")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid.save(out / "sweep.png")
+    header = ["steps", "total (ms)"]
+    markdown = (f"### sweep: {engine.spec.name}, '{prompt}', seed 1337, {size}x{size}\n\n"
+                f"{table(header, [[r['steps'], r['total_ms']] for r in rows])}\nGrid: {out / 'sweep.png'}\n")  # fmt: skip
+    return _save(args, "sweep", dict(model=engine.spec.name, prompt=prompt, size=size, seed=1337, rows=rows,
+                                     image=str(out / "sweep.png")), markdown)  # fmt: skip
+
+
+# ---------------------------------------------------------------------- CLI
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lcm_live.bench", description="lcm-live benchmarks")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", default="bench-results", help="folder for JSON, markdown and PNG results")
+    common.add_argument("--smoke", action="store_true", help="tiny architecture, small sizes: a few seconds")
+    common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    common.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"])
+    common.add_argument("--size", type=int, default=None, help="image side (default: the architecture's own)")
+    common.add_argument("--model", default=None, help="a real model: hub id or diffusers folder")
+    common.add_argument("--repeats", type=int, default=2)
+    sub = p.add_subparsers(dest="command", required=True)
+    archs = ["sd15", "sdxl", "tiny-sd15", "tiny-sdxl", "embedded"]
+    e = sub.add_parser("engine", parents=[common], help="per-stage times, txt2img and img2img")
+    e.add_argument("--arch", default="sd15", choices=archs)
+    e.add_argument("--steps", type=int, default=4)
+    e.add_argument("--strength", type=float, default=0.5)
+    e.add_argument("--decoder", default="both", choices=["both", "tiny", "full"])
+    c = sub.add_parser("compare", parents=[common], help="the LCM-LoRA blog's code path vs lcm-live's, A/B/A/B")
+    c.add_argument("--arch", default="sd15", choices=archs)
+    c.add_argument("--rounds", type=int, default=2)
+    c.add_argument("--peak-s", type=float, default=2.0, help="seconds per achieved-peak measurement")
+    lv = sub.add_parser("live", parents=[common], help="typing traces: LiveLoop vs always_last")
+    lv.add_argument("--step-ms", type=float, default=1700.0, help="calibrated UNet step (SD 1.5 512 bf16 here)")
+    lv.add_argument("--decode-ms", type=float, default=330.0, help="calibrated TAESD decode")
+    lv.add_argument("--scale", type=float, default=40.0, help="divide all times by this to run faster")
+    lv.add_argument("--real", action=argparse.BooleanOptionalAction, default=True,
+                    help="also replay against the embedded (or a tiny) real model")  # fmt: skip
+    t = sub.add_parser("table", parents=[common], help="LCM-LoRA 4 steps vs standard 25 steps, batch 1")
+    t.add_argument("--arch", default="sdxl", choices=archs)
+    t.add_argument("--standard-steps", type=int, default=25)
+    s = sub.add_parser("sweep", parents=[common], help="1..8 steps, seed 1337, as one grid image")
+    s.add_argument("--prompt", default=None)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.smoke:
+        if hasattr(args, "arch"):
+            args.arch = SMOKE_ARCH if args.arch != "embedded" else "embedded"
+        args.size = args.size or SMOKE_SIZE
+        args.repeats = 1
+        for name, value in (("rounds", 1), ("peak_s", 0.1), ("scale", 10.0), ("standard_steps", 3)):
+            if hasattr(args, name):
+                setattr(args, name, value)
+        if args.command == "live":
+            args.step_ms, args.decode_ms = 100.0, 20.0
+    with core.threads(args.threads), torch.inference_mode(False):
+        return {"engine": cmd_engine, "compare": cmd_compare, "live": cmd_live, "table": cmd_table,
+                "sweep": cmd_sweep}[args.command](args)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Typing traces replayed against the live loop and against Gradio's `always_last` policy.
+
+Both policies drive the same engine. A trace is a list of (seconds, prompt) inputs, grouped into bursts by
+pauses. Per burst we read: the latency from its last input to the image of that input being shown (in
+model-times T, the time of one undisturbed generation), the UNet steps spent from its first input to then, and
+stale images shown (an image for an older input shown after one for a newer input, or a burst whose last
+image is not for its last input). Times of the fake engine and of the traces are divided by `scale` together,
+so results in model-times do not depend on it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..engine import GenerationStopped, Request, Result, Timings
+from ..live import SUPERSEDED, LiveLoop
+from .core import PROMPT
+
+
+# ---------------------------------------------------------------------- traces
+def typed(text: str, cps: float, start: float = 0.0) -> list[tuple[float, str]]:
+    """`text` typed one character at a time at `cps` characters per second."""
+    return [(start + i / cps, text[: i + 1]) for i in range(len(text))]
+
+
+def bursts_and_pauses(text: str, cps: float, pause_s: float, words_per_burst: int = 3) -> list[tuple[float, str]]:
+    """Words typed in bursts at `cps`, with a `pause_s` pause after every `words_per_burst` words."""
+    words, events, t, typed_so_far = text.split(" "), [], 0.0, ""
+    for index, word in enumerate(words):
+        chunk = (" " if index else "") + word
+        for char in chunk:
+            typed_so_far += char
+            events.append((t, typed_so_far))
+            t += 1 / cps
+        if (index + 1) % words_per_burst == 0:
+            t += pause_s
+    return events
+
+
+def split_bursts(events: list[tuple[float, str]], gap_s: float) -> list[list[int]]:
+    """Indices of events grouped into bursts separated by more than `gap_s`."""
+    bursts = [[0]]
+    for i in range(1, len(events)):
+        if events[i][0] - events[i - 1][0] > gap_s:
+            bursts.append([])
+        bursts[-1].append(i)
+    return bursts
+
+
+# ---------------------------------------------------------------------- engines
+class CalibratedEngine:
+    """A stand-in engine: each UNet step takes `step_s` in `blocks` slices, then a decode of `decode_s`.
+
+    Like the real engine it checks `should_stop` between slices (UNet blocks), except in the last step.
+    """
+
+    def __init__(self, step_s: float, decode_s: float, blocks: int = 9):
+        self.step_s, self.decode_s, self.blocks = step_s, decode_s, blocks
+        self.block_calls = 0
+        self._lock = threading.Lock()
+
+    def generate(self, request: Request, should_stop=None) -> Result:
+        start = due = time.perf_counter()  # sleep to deadlines: overshoots do not add up
+        for step in range(request.steps):
+            for _ in range(self.blocks):
+                if should_stop is not None and step < request.steps - 1 and should_stop():
+                    raise GenerationStopped(step)
+                due += self.step_s / self.blocks
+                _sleep(due - time.perf_counter())
+                with self._lock:
+                    self.block_calls += 1
+        due += self.decode_s
+        _sleep(due - time.perf_counter())
+        return Result(None, {"prompt": request.prompt}, Timings(total_ms=(time.perf_counter() - start) * 1e3))
+
+    @property
+    def steps_spent(self) -> float:
+        return self.block_calls / self.blocks
+
+
+def _sleep(seconds: float) -> None:
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+class BlockCounter:
+    """Counts UNet blocks run by a real engine, so partial steps of stopped runs count too."""
+
+    def __init__(self, engine):
+        unet = engine.txt2img.unet
+        blocks = [b for b in [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if b is not None]
+        self.blocks, self.calls = len(blocks), 0
+        for block in blocks:
+            block.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.calls += 1
+
+    @property
+    def steps_spent(self) -> float:
+        return self.calls / self.blocks
+
+
+# ---------------------------------------------------------------------- policies
+@dataclass
+class Shown:
+    log: list[tuple[float, int]] = field(default_factory=list)  # (time, input index) of each image shown
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, index: int) -> None:
+        with self.lock:
+            self.log.append((time.perf_counter(), index))
+
+
+class LiveLoopPolicy:
+    name = "LiveLoop"
+
+    def __init__(self, engine, shown: Shown):
+        self.loop, self.shown = LiveLoop(engine), shown
+
+    def input(self, index: int, request: Request) -> None:
+        job = self.loop.submit("bench", lambda engine, should_stop: engine.generate(request, should_stop))
+
+        def done(future, index=index):
+            if future.exception() is None and future.result() != SUPERSEDED:
+                self.shown.add(index)
+
+        job.future.add_done_callback(done)
+
+    def close(self) -> None:
+        self.loop.close()
+
+
+class AlwaysLastPolicy:
+    """Gradio's `always_last`: one run in flight, one pending; the pending one, sent when the running one ends,
+    carries the newest values; nothing is aborted and every finished result is shown."""
+
+    name = "always_last"
+
+    def __init__(self, engine, shown: Shown):
+        self.engine, self.shown = engine, shown
+        self._lock = threading.Lock()
+        self._running = False
+        self._newest: tuple[int, Request] | None = None  # the input values as they are now
+        self._pending = False
+        self._threads: list[threading.Thread] = []
+
+    def input(self, index: int, request: Request) -> None:
+        with self._lock:
+            self._newest = (index, request)
+            if self._running:
+                self._pending = True
+                return
+            self._running = True
+        self._start(index, request)
+
+    def _start(self, index: int, request: Request) -> None:
+        thread = threading.Thread(target=self._run, args=(index, request), daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _run(self, index: int, request: Request) -> None:
+        while True:
+            self.engine.generate(request)
+            self.shown.add(index)
+            with self._lock:
+                if not self._pending:
+                    self._running = False
+                    return
+                self._pending = False
+                index, request = self._newest
+
+    def close(self) -> None:
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+
+# ---------------------------------------------------------------------- replay
+def replay(policy_class, engine, counter, events, scale: float, model_s: float, steps: int, gap_s: float,
+           size: int | None = None) -> dict:  # fmt: skip
+    """Replay `events` (times in unscaled seconds) through a policy; per-burst metrics in model-times."""
+    shown = Shown()
+    policy = policy_class(engine, shown)
+    bursts = split_bursts(events, gap_s)
+    spent_at: list[tuple[float, float]] = []  # (time, steps spent so far), sampled at each input and image
+    t0 = time.perf_counter()
+    for index, (at, prompt) in enumerate(events):
+        _sleep(t0 + at / scale - time.perf_counter())
+        spent_at.append((time.perf_counter(), counter.steps_spent))
+        policy.input(index, Request(prompt=prompt, steps=steps, seed=0, width=size, height=size))
+    # Wait for the last burst's image (or a generous limit).
+    deadline = time.perf_counter() + 10 * model_s + 1
+    while time.perf_counter() < deadline and not any(i == len(events) - 1 for _, i in shown.log):
+        time.sleep(0.001)
+    end_spent = counter.steps_spent
+    policy.close()
+    log, stale, newest = shown.log, 0, -1
+    for _, index in log:
+        stale += index < newest
+        newest = max(newest, index)
+    latencies, steps_per_burst, unsettled = [], [], 0
+    for burst in bursts:
+        last = burst[-1]
+        times = [t for t, i in log if i == last]
+        others_after = [i for t, i in log if i != last and times and t > times[0] and i < last]
+        stale += len(others_after)
+        if not times:
+            unsettled += 1  # the next burst came before this one's image: nothing to measure
+            continue
+        input_time = spent_at[last][0]
+        latencies.append((times[0] - input_time) / model_s)
+        later = [s for t, s in spent_at if t >= times[0]]
+        steps_per_burst.append((later[0] if later else end_spent) - spent_at[burst[0]][1])
+    return dict(policy=policy_class.name, bursts=len(bursts), settled=len(latencies), unsettled=unsettled,
+                latency_T_median=_stat(latencies, 50), latency_T_p95=_stat(latencies, 95),
+                latency_T_max=round(max(latencies), 3) if latencies else None,
+                steps_per_burst=round(statistics.mean(steps_per_burst), 2) if steps_per_burst else None,
+                images_shown=len(log), stale_shown=stale)  # fmt: skip
+
+
+def _stat(values: list[float], pct: int) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))], 3)
+
+
+def traces(model_s: float, smoke: bool = False) -> dict[str, list[tuple[float, str]]]:
+    """The typing traces: the prompt at 5, 8 and 12 chars/s, and in bursts with pauses of ~3 model-times."""
+    text = PROMPT[:10] if smoke else PROMPT
+    return {
+        "5 chars/s": typed(text, 5),
+        "8 chars/s": typed(text, 8),
+        "12 chars/s": typed(text, 12),
+        "bursts 12 chars/s, pauses 3 T": bursts_and_pauses(text, 12, 3 * model_s, words_per_burst=1 if smoke else 3),
+    }

@@ -1,0 +1,64 @@
+"""The benchmark CLI in its fast mode: every subcommand runs and writes its JSON. Speed is not asserted."""
+
+import json
+
+import pytest
+import torch
+
+from lcm_live.bench.__main__ import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def run(tmp_path, *argv):
+    data = main([*argv, "--smoke", "--threads", "1", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / f"{argv[0]}.json").read_text())["command"]
+    assert (tmp_path / f"{argv[0]}.md").read_text().startswith("###")
+    return data
+
+
+def test_engine(tmp_path):
+    data = run(tmp_path, "engine")
+    modes = {(r["mode"], r["decoder"]) for r in data["rows"]}
+    assert modes == {("txt2img", "TAESD"), ("txt2img", "VAE"), ("img2img", "TAESD"), ("img2img", "VAE")}
+    for row in data["rows"]:
+        assert row["total_ms"] > 0 and row["peak_memory_mb"] > 0 and row["step_ms"]
+    assert (tmp_path / "engine.png").exists()
+
+
+def test_compare(tmp_path):
+    data = run(tmp_path, "compare")
+    assert data["ratio"] > 0
+    for path in ("blog", "lcm-live"):
+        result = data["results"][path]
+        assert result["floor_s"] > 0 and result["x_floor"] > 0 and result["peak"]["peak_gflops"] > 0
+    assert data["flops"]["lcm-live"]["unet_step"] > 0
+
+
+def test_live_never_shows_a_stale_image(tmp_path):
+    data = run(tmp_path, "live")
+    policies = {r["policy"] for r in data["results"]}
+    assert policies == {"LiveLoop", "always_last"}
+    assert {r["engine"] for r in data["results"]} >= {"calibrated"}
+    assert len({r["engine"] for r in data["results"]}) == 2  # and a real model
+    for row in data["results"]:
+        assert row["stale_shown"] == 0
+        assert row["settled"] >= 1 and row["latency_T_median"] > 0 and row["steps_per_burst"] > 0
+
+
+def test_table(tmp_path):
+    data = run(tmp_path, "table")
+    assert data["lcm4_s"] > 0 and data["standard_s"] > 0 and data["speedup"] > 0
+
+
+def test_sweep(tmp_path):
+    data = run(tmp_path, "sweep")
+    assert [r["steps"] for r in data["rows"]] == list(range(1, 9))
+    from PIL import Image
+
+    assert Image.open(data["image"]).size == (8 * data["size"], data["size"] + 16)

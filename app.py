@@ -8,6 +8,9 @@ import sys
 from lcm_live.settings import Settings
 
 
+MAX_EVENTS = 256  # events in progress at once (Gradio's max_threads); more wait in the queue, up to --queue-size
+
+
 def build(settings: Settings):
     """The Blocks page and its handlers for `settings`; the embedded model serves until the requested one loads."""
     if settings.offline:
@@ -36,6 +39,9 @@ def launch(settings: Settings, **options):
     from lcm_live.ui import CSS
 
     demo, app = build(settings)
+    # Gradio runs at most `max_threads` events at once (40 by default), whatever the concurrency limits; a live
+    # keystroke holds one until the loop answers it, so 20 people typing filled them and then the queue (503s).
+    options.setdefault("max_threads", MAX_EVENTS)
     demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
                 max_file_size=settings.max_file_size, show_error=True, css=CSS, **options)  # fmt: skip
     return demo, app

@@ -78,17 +78,29 @@ class LiveLoop:
         self._pending: OrderedDict[str, Job] = OrderedDict()  # slot -> newest job not yet started
         self._running: Job | None = None
         self._seq: dict[str, int] = {}
+        self._order: dict[str, float] = {}  # slot -> send time of its newest job, when the caller knows it
         self._cond = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._serve, name="lcm-live-worker", daemon=True)
         self._worker.start()
 
     # ------------------------------------------------------------------ submitting
-    def submit(self, slot: str, work: Callable) -> Job:
-        """Queue `work` as `slot`'s newest job; the slot's older pending job is dropped, a running one stopped."""
+    def submit(self, slot: str, work: Callable, order: float | None = None) -> Job:
+        """Queue `work` as `slot`'s newest job; the slot's older pending job is dropped, a running one stopped.
+
+        `order` is when the client sent it (Gradio's enqueue time): requests of one slot can reach this point out
+        of order under load, and one sent before the slot's newest is superseded at once instead of winning.
+        """
         with self._cond:
             if self._closed:
                 raise RuntimeError("the live loop is closed")
+            if order is not None:
+                if order < self._order.get(slot, float("-inf")):
+                    late = Job(slot, work, self._seq.get(slot, 0))
+                    self.stats.dropped += 1
+                    _resolve(late.future, SUPERSEDED)
+                    return late
+                self._order[slot] = order
             seq = self._seq.get(slot, 0) + 1
             self._seq[slot] = seq
             job = Job(slot, work, seq)
@@ -102,9 +114,9 @@ class LiveLoop:
             self._cond.notify_all()
         return job
 
-    async def run(self, slot: str, work: Callable) -> Outcome | str:
+    async def run(self, slot: str, work: Callable, order: float | None = None) -> Outcome | str:
         """Submit and wait without blocking the event loop; an Outcome, or SUPERSEDED."""
-        job = self.submit(slot, work)
+        job = self.submit(slot, work, order)
         return await asyncio.wrap_future(job.future)
 
     def run_sync(self, slot: str, work: Callable, timeout: float | None = None) -> Outcome | str:
@@ -122,6 +134,7 @@ class LiveLoop:
                 self.stats.dropped += 1
             for slot in [s for s in self._seq if s.startswith(slot_prefix)]:
                 del self._seq[slot]
+                self._order.pop(slot, None)
             if self._running is not None and self._running.slot.startswith(slot_prefix):
                 self._running.stop.set()
 

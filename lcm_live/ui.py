@@ -95,29 +95,42 @@ def _markdown_text(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|~>])", r"\\\1", html.escape(text, quote=False))
 
 
+def _event_order() -> float | None:
+    """When the client sent the event being handled (Gradio's enqueue time); None outside a queued event.
+
+    Gradio preprocesses events in a thread pool, so under load one session's keystrokes can reach the handler
+    out of order; the live loop uses this to keep the newest one the newest."""
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    events = getattr(getattr(blocks, "_queue", None), "event_ids_to_events", None)
+    event = events.get(event_id) if event_id and isinstance(events, dict) else None
+    return getattr(event, "enqueue_time", None)
+
+
 def _toast_text(text: str) -> str:
     """gr.Error and gr.Warning render their message as HTML: user text in it must be escaped."""
     return html.escape(text, quote=False)
 
 
-class ImageInput(gr.Image):
-    """An image input whose preprocess is ours (inputs.load_image): upright RGB at the working size, or a gr.Error.
+def image_input(**options) -> gr.Image:
+    """A gr.Image whose preprocess is ours (inputs.load_image): upright RGB at the working size, or a gr.Error.
 
     Gradio's own preprocess decodes a data: URL at full size, with no size limit, and re-encodes some uploads
     before any check; a file that is not an image came back as a long internal message naming the component.
+    (Set on the instance: a gr.Image subclass makes Gradio write a .pyi stub next to this file.)
     """
+    component = gr.Image(**options)
+    component.preprocess = _preprocess_image
+    return component
 
-    def get_block_name(self) -> str:
-        return "image"  # the front end's stock Image component
 
-    def preprocess(self, payload):
-        if payload is None:
-            return None
-        blocks = LocalContext.blocks.get(None)
-        try:
-            return image_from_payload(payload.path, payload.url, getattr(blocks, "max_file_size", None))
-        except InputError as error:
-            raise gr.Error(_toast_text(str(error))) from error
+def _preprocess_image(payload):
+    if payload is None:
+        return None
+    blocks = LocalContext.blocks.get(None)
+    try:
+        return image_from_payload(payload.path, payload.url, getattr(blocks, "max_file_size", None))
+    except InputError as error:
+        raise gr.Error(_toast_text(str(error))) from error
 
 
 class LiveApp:
@@ -138,7 +151,9 @@ class LiveApp:
     async def _generate(self, slot: str, request: Request, warnings: list[str]):
         """Run `request` in `slot`; (png path, HUD) or None when a newer request superseded it."""
         try:
-            outcome = await self.loop.run(slot, lambda engine, should_stop: engine.generate(request, should_stop))
+            outcome = await self.loop.run(
+                slot, lambda engine, should_stop: engine.generate(request, should_stop), order=_event_order()
+            )
         except (ValueError, GenerationError) as error:
             raise gr.Error(_toast_text(str(error))) from error
         if outcome == SUPERSEDED:
@@ -315,7 +330,7 @@ def build_ui(app: LiveApp, trigger_mode: str = "multiple") -> gr.Blocks:
                                          elem_id="t2i-sweep-image", elem_classes="live-image")  # fmt: skip
             with gr.Tab("Image to image", id="img2img"), gr.Row():
                 with gr.Column():
-                    i2i_in = ImageInput(type="pil", sources=["upload", "clipboard"], label="Input image",
+                    i2i_in = image_input(type="pil", sources=["upload", "clipboard"], label="Input image",
                                       elem_id="i2i-input", height=300)  # fmt: skip
                     if examples():
                         gr.Examples(examples(), inputs=[i2i_in], label="Examples")
@@ -330,7 +345,7 @@ def build_ui(app: LiveApp, trigger_mode: str = "multiple") -> gr.Blocks:
             with gr.Tab("Webcam", id="webcam"):
                 with gr.Row():
                     with gr.Column():
-                        cam = ImageInput(sources=["webcam"], streaming=True, type="pil", label="Webcam",
+                        cam = image_input(sources=["webcam"], streaming=True, type="pil", label="Webcam",
                                        webcam_options=gr.WebcamOptions(mirror=True, constraints={
                                            "video": {"width": {"ideal": 640}, "height": {"ideal": 480}}}),
                                        elem_id="cam-input")  # fmt: skip
@@ -385,7 +400,7 @@ def build_ui(app: LiveApp, trigger_mode: str = "multiple") -> gr.Blocks:
 
         # Plain API endpoints (request/response, never superseded); each returns a PNG carrying its parameters.
         with gr.Row(visible=False):
-            api_frame = ImageInput(type="pil", label="frame")
+            api_frame = image_input(type="pil", label="frame")
             api_t2i = gr.Button("txt2img")
             api_i2i = gr.Button("img2img")
             api_cam = gr.Button("webcam_frame")

@@ -30,6 +30,7 @@ def main(argv=None) -> None:
     ev.add_argument("--threads", type=int, default=1)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--skip-speed", action="store_true")
+    ev.add_argument("--lcm-only", action="store_true", help="reuse the teacher rows of docs' demo-eval.json")
     a = p.parse_args(argv)
 
     if a.cmd == "train":
@@ -58,7 +59,9 @@ def main(argv=None) -> None:
         from .evaluate import evaluate
 
         torch.set_num_threads(a.threads)
-        evaluate(a.model, a.docs, n=a.n, device=a.device, speed=not a.skip_speed, threads=a.threads)
+        evaluate(
+            a.model, a.docs, n=a.n, device=a.device, speed=not a.skip_speed, threads=a.threads, lcm_only=a.lcm_only
+        )
 
 
 if __name__ == "__main__":

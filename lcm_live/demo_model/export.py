@@ -90,6 +90,7 @@ def export(trained: dict, out: str | Path) -> Path:
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
+    from .tokenizer import save_tokenizer_files
     from .train import lora_config
 
     out = Path(out)
@@ -101,6 +102,7 @@ def export(trained: dict, out: str | Path) -> Path:
         mods[k] = mods[k].to("cpu").eval()
     pipe = make_pipeline(**mods)
     pipe.to(torch.float16).save_pretrained(out / "base", safe_serialization=True)
+    save_tokenizer_files(out / "base" / "tokenizer")  # the source vocab.json + merges.txt, beside tokenizer.json
     pipe.to(torch.float32)
     stats = ""
     student = trained.get("student")

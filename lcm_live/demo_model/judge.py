@@ -25,8 +25,8 @@ def read(image) -> dict:
         return seen
     fg = int(np.bincount(inner, minlength=len(_NAMES)).argmax())
     seen["color"] = _NAMES[fg]
-    mask = labels == fg
-    rows, cols = np.nonzero(mask.sum(1) >= 2)[0], np.nonzero(mask.sum(0) >= 2)[0]  # ignore stray pixels
+    mask = largest_component(labels == fg)
+    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
     if len(rows) < 2 or len(cols) < 2:
         return seen
     y0, y1, x0, x1 = rows[0], rows[-1], cols[0], cols[-1]
@@ -36,14 +36,40 @@ def read(image) -> dict:
     bh, bw = (y1 - y0 + 1) * 64 / h, (x1 - x0 + 1) * 64 / w  # box in 64x64 pixels
     half = len(box) // 2
     taper = box[:half].sum() / max(1, box[len(box) - half :].sum())  # ~1/3 for an upright triangle
-    fill = box.mean()
-    seen["shape"] = "triangle" if taper < 0.6 else "square" if fill > 0.9 else "circle"
+    ch, cw = max(1, round(0.25 * box.shape[0])), max(1, round(0.25 * box.shape[1]))
+    corners = np.mean([box[:ch, :cw].mean(), box[:ch, -cw:].mean(), box[-ch:, :cw].mean(), box[-ch:, -cw:].mean()])
+    seen["shape"] = "triangle" if taper < 0.6 else "square" if corners > 0.6 else "circle"
     seen["size"] = "large" if max(bh, bw) > 19 else "small"
     cx, cy = (xs.mean() + 0.5) * 64 / w, (ys.mean() + 0.5) * 64 / h
     if seen["shape"] == "triangle":
         cy -= bh / 6  # a triangle's centroid sits 1/6 of its height below the box centre
     seen["position"] = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
     return seen
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (flood fill by repeated dilation)."""
+    best, rest = np.zeros_like(mask), mask.copy()
+    for _ in range(4):  # a few seeds are enough: speckles are small
+        if rest.sum() <= best.sum():
+            break
+        ys, xs = np.nonzero(rest)
+        comp = np.zeros_like(mask)
+        comp[ys[len(ys) // 2], xs[len(xs) // 2]] = True
+        while True:
+            grown = comp.copy()
+            grown[1:] |= comp[:-1]
+            grown[:-1] |= comp[1:]
+            grown[:, 1:] |= comp[:, :-1]
+            grown[:, :-1] |= comp[:, 1:]
+            grown &= mask
+            if (grown == comp).all():
+                break
+            comp = grown
+        if comp.sum() > best.sum():
+            best = comp
+        rest &= ~comp
+    return best
 
 
 def score(image, attrs: dict) -> dict:

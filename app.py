@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 
 from lcm_live.settings import Settings
 
@@ -44,7 +46,51 @@ def launch(settings: Settings, **options):
     options.setdefault("max_threads", MAX_EVENTS)
     demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
                 max_file_size=settings.max_file_size, show_error=True, css=CSS, **options)  # fmt: skip
+    if demo.delete_cache:
+        start_cache_sweeper(demo, *demo.delete_cache)
     return demo, app
+
+
+def sweep_cache(blocks, age: float) -> int:
+    """Delete the app's cached files older than `age` seconds; how many went.
+
+    Gradio's own sweep (delete_cache) iterates the live sets of cached files, so under steady traffic it dies
+    at once with "Set changed size during iteration" and the cache then only grows. This one iterates copies.
+    """
+    keep = set().union(*(getattr(block, "keep_in_cache", set()) for block in list(blocks.blocks.values())))
+    removed, now = 0, time.time()
+    for files in list(blocks.temp_file_sets):
+        gone = set()
+        for name in list(files):
+            if name in keep:
+                continue
+            try:
+                if now - os.lstat(name).st_ctime > age:
+                    os.remove(name)
+                    removed += 1
+                    gone.add(name)
+            except FileNotFoundError:
+                gone.add(name)
+        files.difference_update(gone)
+    return removed
+
+
+def start_cache_sweeper(demo, frequency: float, age: float) -> threading.Thread:
+    """Every `frequency` seconds, while `demo` runs, delete its cached files older than `age` seconds."""
+
+    def sweep_forever():
+        while True:
+            time.sleep(frequency)
+            if not demo.is_running:
+                return
+            try:
+                sweep_cache(demo, age)
+            except Exception as error:  # a bad pass must not end the sweeping
+                print(f"cache sweep: {type(error).__name__}: {error}", file=sys.stderr)
+
+    thread = threading.Thread(target=sweep_forever, name="lcm-live-cache-sweeper", daemon=True)
+    thread.start()
+    return thread
 
 
 if __name__ == "__main__":

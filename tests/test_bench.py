@@ -61,4 +61,23 @@ def test_sweep(tmp_path):
     assert [r["steps"] for r in data["rows"]] == list(range(1, 9))
     from PIL import Image
 
-    assert Image.open(data["image"]).size == (8 * data["size"], data["size"] + 16)
+    assert Image.open(data["image"]).size == (8 * 128, 128 + 16)
+
+
+def test_img2img_preview_encodes_with_taesd():
+    from PIL import Image
+
+    from lcm_live.bench.core import make_engine
+    from lcm_live.device import Runtime
+    from lcm_live.engine import Request
+
+    engine = make_engine("tiny-sd15", Runtime("cpu", torch.float32, False), taesd=True)
+    calls = []
+    engine.tiny_vae.encoder.register_forward_pre_hook(lambda *_: calls.append("tiny"))
+    engine.full_vae.encoder.register_forward_pre_hook(lambda *_: calls.append("full"))
+    image = Image.new("RGB", (64, 64), (200, 40, 40))
+    for decoder in ("tiny", "full"):
+        result = engine.generate(Request(prompt="red", image=image, steps=2, strength=1.0, decoder=decoder))
+        assert result.params["decoder"] == decoder and result.image.size == (64, 64)
+    assert calls == ["tiny", "full"]
+    assert engine.img2img.vae is engine.full_vae

@@ -59,7 +59,7 @@ class CalibratedEngine:
 
     def __init__(self, step_s: float, decode_s: float, blocks: int = 9):
         self.step_s, self.decode_s, self.blocks = step_s, decode_s, blocks
-        self.block_calls = 0
+        self.block_calls = self.decodes = 0
         self._lock = threading.Lock()
 
     def generate(self, request: Request, should_stop=None) -> Result:
@@ -74,6 +74,7 @@ class CalibratedEngine:
                     self.block_calls += 1
         due += self.decode_s
         _sleep(due - time.perf_counter())
+        self.decodes += 1
         return Result(None, {"prompt": request.prompt}, Timings(total_ms=(time.perf_counter() - start) * 1e3))
 
     @property
@@ -92,12 +93,18 @@ class BlockCounter:
     def __init__(self, engine):
         unet = engine.txt2img.unet
         blocks = [b for b in [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if b is not None]
-        self.blocks, self.calls = len(blocks), 0
+        self.blocks, self.calls, self.decodes = len(blocks), 0, 0
         for block in blocks:
             block.register_forward_pre_hook(self._count)
+        for vae in (engine.full_vae, engine.tiny_vae):
+            if vae is not None:
+                vae.decoder.register_forward_pre_hook(self._count_decode)
 
     def _count(self, module, args):
         self.calls += 1
+
+    def _count_decode(self, module, args):
+        self.decodes += 1
 
     @property
     def steps_spent(self) -> float:
@@ -185,23 +192,23 @@ def replay(policy_class, engine, counter, events, scale: float, model_s: float, 
     shown = Shown()
     policy = policy_class(engine, shown)
     bursts = split_bursts(events, gap_s)
-    spent_at: list[tuple[float, float]] = []  # (time, steps spent so far), sampled at each input and image
+    spent_at: list[tuple[float, float, int]] = []  # (time, steps spent, decodes), sampled at each input
     t0 = time.perf_counter()
     for index, (at, prompt) in enumerate(events):
         _sleep(t0 + at / scale - time.perf_counter())
-        spent_at.append((time.perf_counter(), counter.steps_spent))
+        spent_at.append((time.perf_counter(), counter.steps_spent, counter.decodes))
         policy.input(index, Request(prompt=prompt, steps=steps, seed=0, width=size, height=size))
     # Wait for the last burst's image (or a generous limit).
     deadline = time.perf_counter() + 10 * model_s + 1
     while time.perf_counter() < deadline and not any(i == len(events) - 1 for _, i in shown.log):
         time.sleep(0.001)
-    end_spent = counter.steps_spent
+    end_spent = (counter.steps_spent, counter.decodes)
     policy.close()
     log, stale, newest = shown.log, 0, -1
     for _, index in log:
         stale += index < newest
         newest = max(newest, index)
-    latencies, steps_per_burst, unsettled = [], [], 0
+    latencies, steps_per_burst, decodes_per_burst, unsettled = [], [], [], 0
     for burst in bursts:
         last = burst[-1]
         times = [t for t, i in log if i == last]
@@ -212,13 +219,30 @@ def replay(policy_class, engine, counter, events, scale: float, model_s: float, 
             continue
         input_time = spent_at[last][0]
         latencies.append((times[0] - input_time) / model_s)
-        later = [s for t, s in spent_at if t >= times[0]]
-        steps_per_burst.append((later[0] if later else end_spent) - spent_at[burst[0]][1])
+        later = [(s, d) for t, s, d in spent_at if t >= times[0]]
+        steps, decodes = later[0] if later else end_spent
+        steps_per_burst.append(steps - spent_at[burst[0]][1])
+        decodes_per_burst.append(decodes - spent_at[burst[0]][2])
     return dict(policy=policy_class.name, bursts=len(bursts), settled=len(latencies), unsettled=unsettled,
                 latency_T_median=_stat(latencies, 50), latency_T_p95=_stat(latencies, 95),
                 latency_T_max=round(max(latencies), 3) if latencies else None,
                 steps_per_burst=round(statistics.mean(steps_per_burst), 2) if steps_per_burst else None,
-                images_shown=len(log), stale_shown=stale)  # fmt: skip
+                decodes_per_burst=round(statistics.mean(decodes_per_burst), 2) if decodes_per_burst else None,
+                images_shown=len(log), stale_shown=stale, latencies_T=[round(x, 3) for x in latencies],
+                steps=[round(x, 2) for x in steps_per_burst], decodes=decodes_per_burst)  # fmt: skip
+
+
+def pooled(rows: list[dict]) -> dict:
+    """All bursts of `rows` (one policy, one engine) together."""
+    latencies = [x for r in rows for x in r["latencies_T"]]
+    steps = [x for r in rows for x in r["steps"]]
+    decodes = [x for r in rows for x in r["decodes"]]
+    return dict(policy=rows[0]["policy"], bursts=sum(r["bursts"] for r in rows), settled=len(latencies),
+                latency_T_median=_stat(latencies, 50), latency_T_p95=_stat(latencies, 95),
+                latency_T_max=round(max(latencies), 3) if latencies else None,
+                steps_per_burst=round(statistics.mean(steps), 2) if steps else None,
+                decodes_per_burst=round(statistics.mean(decodes), 2) if decodes else None,
+                images_shown=sum(r["images_shown"] for r in rows), stale_shown=sum(r["stale_shown"] for r in rows))  # fmt: skip
 
 
 def _stat(values: list[float], pct: int) -> float | None:
@@ -235,5 +259,5 @@ def traces(model_s: float, smoke: bool = False) -> dict[str, list[tuple[float, s
         "5 chars/s": typed(text, 5),
         "8 chars/s": typed(text, 8),
         "12 chars/s": typed(text, 12),
-        "bursts 12 chars/s, pauses 3 T": bursts_and_pauses(text, 12, 3 * model_s, words_per_burst=1 if smoke else 3),
+        "bursts 12 chars/s, pauses 3 T": bursts_and_pauses(text, 12, 3 * model_s, words_per_burst=1 if smoke else 2),
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -62,8 +63,9 @@ def run_soak(url: str, seconds: float, cache_dir: str | None, store_dir: str | N
     from gradio_client import Client, handle_file
 
     process = psutil.Process()
-    client = Client(url, verbose=False)
     work = Path(tempfile.mkdtemp(prefix="soak-frames-"))
+    downloads = work / "downloads"  # the client's copies of the results: not the server's cache, and deleted
+    client = Client(url, verbose=False, download_files=str(downloads))
     samples, latencies, errors = [], [], 0
     start = time.perf_counter()
     next_sample, frames = 0.0, 0
@@ -93,9 +95,10 @@ def run_soak(url: str, seconds: float, cache_dir: str | None, store_dir: str | N
         path = frame_jpeg(frames, work)
         began = time.perf_counter()
         try:
-            client.predict(handle_file(path), "a yellow triangle on a purple background", 0.5, 2, frames % 7,
-                           api_name="/webcam_frame")  # fmt: skip
+            result = client.predict(handle_file(path), "a yellow triangle on a purple background", 0.5, 2,
+                                    frames % 7, api_name="/webcam_frame")  # fmt: skip
             latencies.append(time.perf_counter() - began)
+            Path(result).unlink(missing_ok=True)
         except Exception as error:  # counted and reported; a soak keeps going
             errors += 1
             log(f"frame {frames}: {type(error).__name__}: {error}")
@@ -119,9 +122,7 @@ def run_soak(url: str, seconds: float, cache_dir: str | None, store_dir: str | N
     result["held"] = bool(
         result["rss_growth_pct"] < 5 and result["fds_growth"] <= 8 and result["threads_growth"] <= 4 and not errors
     )
-    for path in work.iterdir():
-        path.unlink()
-    work.rmdir()
+    shutil.rmtree(work, ignore_errors=True)
     return result
 
 

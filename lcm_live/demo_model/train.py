@@ -55,7 +55,7 @@ class TrainConfig:
     device: str = "cpu"
     batch: int = 32
     vae_steps: int = 2500
-    vae_lr: float = 1e-3
+    vae_lr: float = 2e-3
     vae_minutes: float = 12.0
     teacher_steps: int = 20000
     teacher_lr: float = 3e-4

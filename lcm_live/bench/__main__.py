@@ -61,11 +61,16 @@ def cmd_engine(args) -> dict:
              r["total_ms"], r["total_cached_text_ms"], r["peak_memory_mb"]] for r in rows]  # fmt: skip
     title = f"engine: {engine.spec.name}, {size}x{size}, {args.steps} steps, {runtime.label}, {device}"
     bar_chart(Path(args.out) / "engine.png", title,
-              [(f"{r['mode']} {r['decoder']}", [("text", r["text_ms"]), ("UNet", sum(r["step_ms"])),
-                                               ("decode", r["decode_ms"])]) for r in rows])  # fmt: skip
+              [(f"{r['mode']} {r['decoder']}", _stages(r)) for r in rows])  # fmt: skip
     data = dict(arch=args.arch, model=args.model, size=size, steps=args.steps, runtime=runtime.label, device=device,
                 rows=rows)  # fmt: skip
     return _save(args, "engine", data, f"### {title}\n\n{table(header, body)}")
+
+
+def _stages(row: dict) -> list[tuple[str, float]]:
+    unet = sum(row["step_ms"])
+    other = max(0.0, row["total_ms"] - row["text_ms"] - unet - row["decode_ms"])  # img2img encode, scheduler
+    return [("text", row["text_ms"]), ("UNet", unet), ("decode", row["decode_ms"]), ("other", other)]
 
 
 # ---------------------------------------------------------------------- compare

@@ -143,46 +143,40 @@ class LiveLoopPolicy:
 
 class AlwaysLastPolicy:
     """Gradio's `always_last`: one run in flight, one pending; the pending one, sent when the running one ends,
-    carries the newest values; nothing is aborted and every finished result is shown."""
+    carries the newest values; nothing is aborted and every finished result is shown. Runs happen on one
+    long-lived worker thread, as in Gradio's thread pool."""
 
     name = "always_last"
 
     def __init__(self, engine, shown: Shown):
         self.engine, self.shown = engine, shown
-        self._lock = threading.Lock()
-        self._running = False
+        self._cond = threading.Condition()
         self._newest: tuple[int, Request] | None = None  # the input values as they are now
-        self._pending = False
-        self._threads: list[threading.Thread] = []
+        self._pending = self._closed = False
+        self._worker = threading.Thread(target=self._serve, daemon=True)
+        self._worker.start()
 
     def input(self, index: int, request: Request) -> None:
-        with self._lock:
-            self._newest = (index, request)
-            if self._running:
-                self._pending = True
-                return
-            self._running = True
-        self._start(index, request)
+        with self._cond:
+            self._newest, self._pending = (index, request), True
+            self._cond.notify()
 
-    def _start(self, index: int, request: Request) -> None:
-        thread = threading.Thread(target=self._run, args=(index, request), daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _run(self, index: int, request: Request) -> None:
+    def _serve(self) -> None:
         while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                (index, request), self._pending = self._newest, False
             self.engine.generate(request)
             self.shown.add(index)
-            with self._lock:
-                if not self._pending:
-                    self._running = False
-                    return
-                self._pending = False
-                index, request = self._newest
 
     def close(self) -> None:
-        for thread in self._threads:
-            thread.join(timeout=60)
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._worker.join(timeout=60)
 
 
 # ---------------------------------------------------------------------- replay

@@ -25,7 +25,8 @@ def build(settings: Settings):
 
     runtime = pick_runtime(settings.device, settings.dtype)
     wanted = resolve_spec(settings.preset, settings.base, settings.lora)
-    manager = ModelManager(runtime, taesd=settings.taesd, offline=settings.offline)
+    manager = ModelManager(runtime, taesd=settings.taesd, offline=settings.offline,
+                           auto_dtype=settings.dtype == "auto")  # fmt: skip
     loop = LiveLoop(manager.load_now(PRESETS["demo"]))  # up in about a second, whatever the network does
     manager.attach(loop)
     if not wanted.is_embedded:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import torch
 
 from .device import Runtime
 from .engine import Engine, ModelLoadError
@@ -29,8 +31,9 @@ class LoadStatus:
 class ModelManager:
     """Loads models off the request path and hands each finished one to the live loop."""
 
-    def __init__(self, runtime: Runtime, taesd: bool = False, offline: bool = False):
+    def __init__(self, runtime: Runtime, taesd: bool = False, offline: bool = False, auto_dtype: bool = False):
         self.runtime, self.taesd = runtime, taesd
+        self.auto_dtype = auto_dtype  # the dtype was picked for the user, not asked for
         self.offline = offline or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True")
         self.loop = None  # set by attach()
         self.status = LoadStatus()
@@ -44,10 +47,17 @@ class ModelManager:
     def engine(self) -> Engine:
         return self.loop.engine
 
+    def runtime_for(self, spec: ModelSpec) -> Runtime:
+        """The runtime for `spec`: the tiny embedded model runs faster in fp32 than in bf16 on a CPU."""
+        if spec.is_embedded and self.runtime.device == "cpu" and self.auto_dtype:
+            return replace(self.runtime, dtype=torch.float32)
+        return self.runtime
+
     def load_now(self, spec: ModelSpec) -> Engine:
         """Load `spec` on this thread (used for the embedded model at start-up)."""
         embedded = spec.is_embedded
-        return Engine.load(spec, self.runtime, taesd=self.taesd and not embedded, local_files_only=self.offline)
+        return Engine.load(spec, self.runtime_for(spec), taesd=self.taesd and not embedded,
+                           local_files_only=self.offline)  # fmt: skip
 
     def switch(self, spec: ModelSpec) -> bool:
         """Start loading `spec` in the background; False if a load is already running."""
@@ -69,7 +79,7 @@ class ModelManager:
     def _load(self, spec: ModelSpec) -> None:
         start = time.perf_counter()
         try:
-            engine = Engine.load(spec, self.runtime, taesd=self.taesd and not spec.is_embedded,
+            engine = Engine.load(spec, self.runtime_for(spec), taesd=self.taesd and not spec.is_embedded,
                                  local_files_only=self.offline, progress=self._progress)  # fmt: skip
         except ModelLoadError as error:
             self.status = LoadStatus(error=str(error), seconds=time.perf_counter() - start)

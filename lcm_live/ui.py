@@ -183,24 +183,16 @@ class LiveApp:
     async def img2img(self, image, prompt, strength, steps, seed, request: gr.Request = None):
         if image is None:
             return gr.skip(), "Upload, paste or pick an image to start."
-        try:
-            picture = load_image(image)
-        except InputError as error:
-            raise gr.Error(_toast_text(str(error))) from error
-        prompt, warnings = clean_prompt(prompt)
-        req = Request(prompt=prompt, image=picture, strength=_float(strength, "strength"),
-                      steps=_int(steps, "steps"), seed=_int(seed, "seed"))  # fmt: skip
-        shown = await self._generate(self.slot(request, "img2img"), req, warnings)
-        return shown if shown is not None else (gr.skip(), gr.skip())
+        return await self._image_to_image(image, prompt, strength, steps, seed, self.slot(request, "img2img"))
 
     async def webcam(self, frame, prompt, strength, steps, seed, request: gr.Request = None):
         if frame is None:
             return gr.skip(), gr.skip()
-        return await self.img2img_like(frame, prompt, strength, steps, seed, self.slot(request, "webcam"))
+        return await self._image_to_image(frame, prompt, strength, steps, seed, self.slot(request, "webcam"))
 
-    async def img2img_like(self, frame, prompt, strength, steps, seed, slot):
+    async def _image_to_image(self, image, prompt, strength, steps, seed, slot):
         try:
-            picture = load_image(frame)
+            picture = load_image(image)
         except InputError as error:
             raise gr.Error(_toast_text(str(error))) from error
         prompt, warnings = clean_prompt(prompt)

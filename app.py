@@ -26,8 +26,9 @@ def build(settings: Settings):
     runtime = pick_runtime(settings.device, settings.dtype)
     wanted = resolve_spec(settings.preset, settings.base, settings.lora)
     manager = ModelManager(runtime, taesd=settings.taesd, offline=settings.offline,
-                           auto_dtype=settings.dtype == "auto")  # fmt: skip
-    loop = LiveLoop(manager.load_now(PRESETS["demo"]))  # up in about a second, whatever the network does
+                           auto_dtype=settings.dtype == "auto", compile=settings.compile)  # fmt: skip
+    # Up in about a second on the embedded model, whatever the network does.
+    loop = LiveLoop(manager.load_now(PRESETS["demo"], compile=settings.compile and wanted.is_embedded))
     manager.attach(loop)
     if not wanted.is_embedded:
         manager.switch(wanted)

@@ -211,12 +211,15 @@ class Engine:
         self._embeddings: OrderedDict[tuple, dict] = OrderedDict()
         self._lock = threading.Lock()
         self.notes: list[str] = []  # things the user should know about this load (shown on the page)
+        self.compiled = False  # a compiled UNet stops at step boundaries only (hooks would force recompiles)
 
     @classmethod
     def load(cls, spec: ModelSpec, runtime: Runtime, taesd: bool = False, local_files_only: bool = False,
-             warmup: bool = True, progress=None) -> Engine:  # fmt: skip
-        """Load `spec` once: weights, LoRA fused, LCMScheduler; optional TAESD; one warm-up run."""
+             warmup: bool = True, progress=None, compile: bool = False) -> Engine:  # fmt: skip
+        """Load `spec` once: weights, LoRA fused, LCMScheduler; optional TAESD and torch.compile; one warm-up run."""
         pipe, family = load_pipeline(spec, runtime, local_files_only, progress)
+        if compile:  # compiled on the warm-up run below; a new image size compiles again
+            pipe.unet = torch.compile(pipe.unet)
         tiny, notes = None, []
         if taesd:
             try:
@@ -225,10 +228,14 @@ class Engine:
                 notes.append(f"TAESD unavailable, decoding with the full VAE. {error}")
         engine = cls(pipe, spec, runtime, family, tiny)
         engine.notes = notes
-        if warmup:
+        engine.compiled = compile
+        if warmup or compile:
             if progress:
-                progress(0.95, "Warming up")
+                progress(0.95, "Compiling the UNet (once per image size)" if compile else "Warming up")
+            start = time.perf_counter()
             engine.generate(Request(prompt="warm-up", steps=2))
+            if compile:
+                engine.notes.append(f"UNet compiled with torch.compile in {time.perf_counter() - start:.0f} s.")
         return engine
 
     # ------------------------------------------------------------------ checks
@@ -369,7 +376,7 @@ class Engine:
             **text_kwargs,
         )  # fmt: skip
         hooks = []
-        if should_stop is not None:  # also stop between UNet blocks, inside a step: a step can take seconds
+        if should_stop is not None and not self.compiled:  # also stop inside a step: a step can take seconds
 
             def check_block(module, args):
                 if steps_done < planned - 1 and should_stop():

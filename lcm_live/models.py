@@ -31,8 +31,9 @@ class LoadStatus:
 class ModelManager:
     """Loads models off the request path and hands each finished one to the live loop."""
 
-    def __init__(self, runtime: Runtime, taesd: bool = False, offline: bool = False, auto_dtype: bool = False):
-        self.runtime, self.taesd = runtime, taesd
+    def __init__(self, runtime: Runtime, taesd: bool = False, offline: bool = False, auto_dtype: bool = False,
+                 compile: bool = False):  # fmt: skip
+        self.runtime, self.taesd, self.compile = runtime, taesd, compile
         self.auto_dtype = auto_dtype  # the dtype was picked for the user, not asked for
         self.offline = offline or os.environ.get("HF_HUB_OFFLINE", "") in ("1", "true", "True")
         self.loop = None  # set by attach()
@@ -53,11 +54,11 @@ class ModelManager:
             return replace(self.runtime, dtype=torch.float32)
         return self.runtime
 
-    def load_now(self, spec: ModelSpec) -> Engine:
+    def load_now(self, spec: ModelSpec, compile: bool = False) -> Engine:
         """Load `spec` on this thread (used for the embedded model at start-up)."""
         embedded = spec.is_embedded
         return Engine.load(spec, self.runtime_for(spec), taesd=self.taesd and not embedded,
-                           local_files_only=self.offline)  # fmt: skip
+                           local_files_only=self.offline, compile=compile)  # fmt: skip
 
     def switch(self, spec: ModelSpec) -> bool:
         """Start loading `spec` in the background; False if a load is already running."""
@@ -80,7 +81,8 @@ class ModelManager:
         start = time.perf_counter()
         try:
             engine = Engine.load(spec, self.runtime_for(spec), taesd=self.taesd and not spec.is_embedded,
-                                 local_files_only=self.offline, progress=self._progress)  # fmt: skip
+                                 local_files_only=self.offline, progress=self._progress,
+                                 compile=self.compile)  # fmt: skip
         except ModelLoadError as error:
             self.status = LoadStatus(error=str(error), seconds=time.perf_counter() - start)
             return

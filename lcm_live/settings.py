@@ -23,6 +23,7 @@ class Settings:
     max_file_size: str = "20mb"  # uploads above this get HTTP 413
     queue_size: int = 64  # queued events above this get "busy, try again"
     offline: bool = False  # never contact the hub (same as HF_HUB_OFFLINE=1)
+    compile: bool = False  # torch.compile the UNet of the requested model (slow start, faster steps on CUDA)
 
     @classmethod
     def from_env(cls, environ=os.environ) -> Settings:
@@ -52,6 +53,8 @@ class Settings:
         parser.add_argument("--queue-size", type=int, default=env.queue_size)
         parser.add_argument("--offline", action=argparse.BooleanOptionalAction, default=env.offline,
                             help="never contact the model hub")  # fmt: skip
+        parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=env.compile,
+                            help="torch.compile the UNet (compile time is shown on the page)")  # fmt: skip
         return cls(**vars(parser.parse_args(argv)))
 
 

@@ -12,6 +12,7 @@ import statistics
 import threading
 import time
 import urllib.parse
+from pathlib import Path
 
 import httpx
 import psutil
@@ -318,7 +319,7 @@ TRAVERSALS = [
     "....//....//etc/passwd",
     "/proc/self/environ",
     "app.py",
-    "/work/main/app.py",
+    str(Path(__file__).resolve().parent.parent / "app.py"),  # the app's own source, by absolute path
 ]
 
 

@@ -27,7 +27,7 @@ from diffusers import (
 from PIL import Image
 
 from .device import Runtime
-from .presets import TAESD, ModelSpec
+from .presets import ASSETS, TAESD, ModelSpec
 
 
 MIN_STEPS, MAX_STEPS = 1, 8
@@ -108,6 +108,16 @@ def _fill_crop(image: Image.Image, width: int, height: int) -> Image.Image:
                            Image.Resampling.LANCZOS)  # fmt: skip
     left, top = (resized.width - width) // 2, (resized.height - height) // 2
     return resized.crop((left, top, left + width, top + height))
+
+
+def public_id(model: str | None) -> str | None:
+    """A model id fit to leave the server: hub ids as they are, local folders without the server's own path."""
+    if model is None or not Path(model).exists():
+        return model
+    path = Path(model).resolve()
+    if path.is_relative_to(ASSETS.parent):
+        return str(path.relative_to(ASSETS.parent))  # e.g. assets/demo-model/base
+    return "/".join(path.parts[-2:])
 
 
 def _sync(device: str) -> None:
@@ -423,7 +433,7 @@ class Engine:
         params = dict(
             mode=request.mode, prompt=request.prompt, steps=request.steps, guidance_scale=request.guidance_scale,
             seed=request.seed, width=request.width, height=request.height, scheduler="LCMScheduler",
-            model=self.spec.base, lora=self.spec.lora, decoder=decoder, runtime=self.runtime.label,
+            model=public_id(self.spec.base), lora=public_id(self.spec.lora), decoder=decoder, runtime=self.runtime.label,
         )  # fmt: skip
         if request.guidance_scale > 1.0:
             params["negative_prompt"] = request.negative_prompt

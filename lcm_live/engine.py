@@ -218,7 +218,7 @@ class Engine:
         self.full_vae = pipe.vae
         self.tiny_vae = tiny_vae
         self.native_size = spec.native_size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        self._embeddings: OrderedDict[tuple, dict] = OrderedDict()
+        self._embeddings: OrderedDict[tuple, tuple[dict, list[str]]] = OrderedDict()  # key -> (kwargs, warnings)
         self._lock = threading.Lock()
         self.notes: list[str] = []  # things the user should know about this load (shown on the page)
         self.compiled = False  # a compiled UNet stops at step boundaries only (hooks would force recompiles)
@@ -275,26 +275,27 @@ class Engine:
         for name, value in (("width", width), ("height", height)):
             if not MIN_SIZE <= value <= MAX_SIZE or value % 8:
                 raise ValueError(f"{name} must be a multiple of 8 from {MIN_SIZE} to {MAX_SIZE}; got {value}.")
-        prompt = request.prompt
-        if len(prompt) > MAX_PROMPT_CHARS:
-            prompt = prompt[:MAX_PROMPT_CHARS]
-        tokenizer = self.txt2img.tokenizer
-        tokens = len(tokenizer(prompt, truncation=False).input_ids)
-        if tokens > tokenizer.model_max_length:
+        prompt = request.prompt[:MAX_PROMPT_CHARS]  # cut before anything tokenizes it
+        if len(prompt) < len(request.prompt):
             warnings.append(
-                f"The prompt is {tokens} tokens long; the text encoder reads the first {tokenizer.model_max_length}"
-                " (including start and end), so the rest is ignored."
+                f"The prompt was cut to its first {MAX_PROMPT_CHARS} of {len(request.prompt)} characters; "
+                f"it now ends with \u201c{prompt[-40:]}\u201d."
             )
-        return replace(request, prompt=prompt, width=int(width), height=int(height), steps=int(request.steps),
+        return replace(request, prompt=prompt, negative_prompt=request.negative_prompt[:MAX_PROMPT_CHARS],
+                       width=int(width), height=int(height), steps=int(request.steps),
                        seed=int(request.seed)), warnings  # fmt: skip
 
     # ------------------------------------------------------------------ text
-    def encode_text(self, prompt: str, negative_prompt: str, guided: bool) -> tuple[dict, bool]:
-        """Prompt embeddings as pipeline kwargs, from the cache when this prompt was seen; (kwargs, cached)."""
+    def encode_text(self, prompt: str, negative_prompt: str, guided: bool) -> tuple[dict, bool, list[str]]:
+        """Prompt embeddings as pipeline kwargs, from the cache when this prompt was seen; (kwargs, cached, warnings).
+
+        A cached prompt costs nothing: neither the text encoder nor the tokenizer runs again (a slider move, a
+        webcam frame)."""
         key = (prompt, negative_prompt if guided else "", guided)
         if key in self._embeddings:
             self._embeddings.move_to_end(key)
-            return self._embeddings[key], True
+            kwargs, warnings = self._embeddings[key]
+            return kwargs, True, warnings
         device = self.runtime.device
         with torch.inference_mode():
             if self.family == "sdxl":
@@ -312,10 +313,18 @@ class Engine:
                 kwargs = dict(prompt_embeds=embeds)
                 if guided:
                     kwargs["negative_prompt_embeds"] = negative
-        self._embeddings[key] = kwargs
+        warnings = []
+        tokenizer = self.txt2img.tokenizer
+        tokens = len(tokenizer(prompt, truncation=False).input_ids)
+        if tokens > tokenizer.model_max_length:
+            warnings.append(
+                f"The prompt is {tokens} tokens long; the text encoder reads the first {tokenizer.model_max_length}"
+                " (including start and end), so the rest is ignored."
+            )
+        self._embeddings[key] = (kwargs, warnings)
         if len(self._embeddings) > EMBEDDING_CACHE_SIZE:
             self._embeddings.popitem(last=False)
-        return kwargs, False
+        return kwargs, False, warnings
 
     # ------------------------------------------------------------------ decode
     def _uses_tiny(self, decoder: str) -> bool:
@@ -358,7 +367,8 @@ class Engine:
         start = time.perf_counter()
         # 2. Text embeddings (cached by prompt: a slider move does not re-run the text encoder).
         guided = request.guidance_scale > 1.0
-        text_kwargs, cached = self.encode_text(request.prompt, request.negative_prompt, guided)
+        text_kwargs, cached, text_warnings = self.encode_text(request.prompt, request.negative_prompt, guided)
+        warnings = warnings + text_warnings
         _sync(device)
         text_done = time.perf_counter()
         if should_stop is not None and should_stop():

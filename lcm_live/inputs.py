@@ -22,7 +22,6 @@ from PIL import Image, UnidentifiedImageError
 
 MAX_INPUT_PIXELS = 40_000_000  # e.g. 8000 x 5000; larger images are refused before they are decoded
 MAX_WORKING_SIDE = 2048  # images are downscaled to at most this side before use
-MAX_PROMPT_CHARS = 1000
 MAX_DATA_URL_BYTES = 20 * 1024 * 1024  # a data: URL's decoded size when the server sets no upload limit
 # Formats a browser, a phone or a camera sends; Pillow's rarer decoders (FITS, PSD, GD, DDS, ...) have had most
 # of its memory-safety and decompression-bomb advisories, and nobody uploads them to an image playground.
@@ -49,20 +48,9 @@ class InputError(ValueError):
     """Input the app cannot use; the message says why and what to do."""
 
 
-def clean_prompt(text: str | None) -> tuple[str, list[str]]:
-    """The prompt without control characters, cut to MAX_PROMPT_CHARS; (prompt, warnings).
-
-    The cut happens before anything tokenizes the text. The warning quotes where the prompt now ends: it
-    carries user text, so whoever shows it must escape it (the UI does).
-    """
-    text = _CONTROL.sub(" ", text if isinstance(text, str) else "" if text is None else str(text))
-    if len(text) > MAX_PROMPT_CHARS:
-        kept = text[:MAX_PROMPT_CHARS]
-        return kept, [
-            f"The prompt was cut to its first {MAX_PROMPT_CHARS} of {len(text)} characters; "
-            f"it now ends with \u201c{kept[-40:]}\u201d."
-        ]
-    return text, []
+def clean_prompt(text: str | None) -> str:
+    """The prompt as text, control characters blanked (the engine cuts its length, with a warning)."""
+    return _CONTROL.sub(" ", text if isinstance(text, str) else "" if text is None else str(text))
 
 
 def _megapixels(pixels: int) -> str:

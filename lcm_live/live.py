@@ -154,11 +154,6 @@ class LiveLoop:
             self._cond.notify_all()
         self._worker.join(timeout=30)
 
-    @property
-    def busy(self) -> bool:
-        with self._cond:
-            return self._running is not None or bool(self._pending)
-
     # ------------------------------------------------------------------ serving
     def _next_job(self):
         """The next job to run and the engine to run it on, in round-robin order; None once closed."""

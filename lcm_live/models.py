@@ -97,7 +97,7 @@ class ModelManager:
         info = self.engine.info
         lines = [f"**Model:** {info['model']} · {info['runtime']} · {info['decoder']}"]
         status = self.status
-        lines += [f"Note: {note}" for note in getattr(self.engine, "notes", [])]
+        lines += [f"Note: {note}" for note in self.engine.notes]
         if status.loading:
             lines.append(f"Loading **{status.loading}**: {status.message} ({status.fraction:.0%})")
         elif status.error:

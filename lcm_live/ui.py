@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
@@ -22,7 +23,7 @@ from gradio.context import LocalContext
 from PIL import Image, ImageDraw
 
 from .engine import MAX_SEED, GenerationError, Request, timings_dict
-from .inputs import InputError, clean_prompt, image_from_payload, load_image
+from .inputs import InputError, clean_prompt, image_from_payload
 from .live import SUPERSEDED, LiveLoop, Outcome
 from .models import ModelManager, preset_choices
 from .pngmeta import save_png
@@ -35,6 +36,7 @@ PHOTO_PROMPT = (
 )
 SWEEP_STEPS = range(1, 9)
 API_CONCURRENCY = 4  # plain API calls (/txt2img, /img2img, /webcam_frame) running at once; more wait in the queue
+API_SLOT = "api:"  # slots of plain API calls: one call each
 SETTLE_AFTER_S = 0.5  # input still this long: decode the last latents again with the full VAE
 CSS = """
 .live-image img { image-rendering: pixelated; object-fit: contain; }
@@ -146,38 +148,39 @@ class LiveApp:
     @staticmethod
     def slot(request: gr.Request | None, tab: str) -> str:
         session = getattr(request, "session_hash", None)
-        return f"{session}:{tab}" if session else f"api:{uuid.uuid4().hex}"  # API calls are never superseded
+        return f"{session}:{tab}" if session else f"{API_SLOT}{uuid.uuid4().hex}"  # API calls: never superseded
 
-    async def _generate(self, slot: str, request: Request, warnings: list[str]):
+    async def _generate(self, slot: str, request: Request):
         """Run `request` in `slot`; (png path, HUD) or None when a newer request superseded it."""
+        one_shot = slot.startswith(API_SLOT)
         try:
             outcome = await self.loop.run(
                 slot, lambda engine, should_stop: engine.generate(request, should_stop), order=_event_order()
             )
         except (ValueError, GenerationError) as error:
             raise gr.Error(_toast_text(str(error))) from error
+        finally:
+            if one_shot:  # an API call's slot is never used again: drop its bookkeeping
+                self.loop.forget(slot)
         if outcome == SUPERSEDED:
             return None
         result = outcome.result
-        warnings = warnings + result.warnings
-        for warning in warnings:
+        for warning in result.warnings:
             gr.Warning(_toast_text(warning))
         fps = self.rates.tick(slot)
         path = self.store.save(result.image, result.params)
-        if result.params.get("decoder") == "tiny" and result.latents is not None:
+        if not one_shot and result.params.get("decoder") == "tiny" and result.latents is not None:
             self._previews[slot] = (outcome.seq, result.latents, result.params)
             while len(self._previews) > 256:
                 self._previews.popitem(last=False)
-        return path, hud_markdown(outcome, fps, self.loop.engine.info, warnings)
+        return path, hud_markdown(outcome, fps, self.loop.engine.info, result.warnings)
 
     # ------------------------------------------------------------------ handlers
     async def txt2img(self, prompt, negative, steps, guidance, seed, width, height, request: gr.Request = None):
-        prompt, warnings = clean_prompt(prompt)
-        negative, _ = clean_prompt(negative)
-        req = Request(prompt=prompt, negative_prompt=negative, steps=_int(steps, "steps"),
+        req = Request(prompt=clean_prompt(prompt), negative_prompt=clean_prompt(negative), steps=_int(steps, "steps"),
                       guidance_scale=_float(guidance, "guidance"), seed=_int(seed, "seed"),
                       width=_int(width, "width"), height=_int(height, "height"))  # fmt: skip
-        shown = await self._generate(self.slot(request, "txt2img"), req, warnings)
+        shown = await self._generate(self.slot(request, "txt2img"), req)
         return shown if shown is not None else (gr.skip(), gr.skip())
 
     async def img2img(self, image, prompt, strength, steps, seed, request: gr.Request = None):
@@ -191,24 +194,20 @@ class LiveApp:
         return await self._image_to_image(frame, prompt, strength, steps, seed, self.slot(request, "webcam"))
 
     async def _image_to_image(self, image, prompt, strength, steps, seed, slot):
-        try:
-            picture = load_image(image)
-        except InputError as error:
-            raise gr.Error(_toast_text(str(error))) from error
-        prompt, warnings = clean_prompt(prompt)
-        req = Request(prompt=prompt, image=picture, strength=_float(strength, "strength"),
+        """`image` arrives upright, RGB and at the working size: `image_input`'s preprocess made it so."""
+        req = Request(prompt=clean_prompt(prompt), image=image, strength=_float(strength, "strength"),
                       steps=_int(steps, "steps"), seed=_int(seed, "seed"))  # fmt: skip
-        shown = await self._generate(slot, req, warnings)
+        shown = await self._generate(slot, req)
         return shown if shown is not None else (gr.skip(), gr.skip())
 
     async def sweep(self, prompt, negative, guidance, seed, width, height, request: gr.Request = None):
         """The same seed at 1..8 steps, as one labelled grid image."""
-        prompt, _ = clean_prompt(prompt)
-        base = Request(prompt=prompt, negative_prompt=clean_prompt(negative)[0], guidance_scale=_float(guidance, "guidance"),
-                       seed=_int(seed, "seed"), width=_int(width, "width"), height=_int(height, "height"))  # fmt: skip
+        base = Request(prompt=clean_prompt(prompt), negative_prompt=clean_prompt(negative),
+                       guidance_scale=_float(guidance, "guidance"), seed=_int(seed, "seed"),
+                       width=_int(width, "width"), height=_int(height, "height"))  # fmt: skip
 
         def work(engine, should_stop):
-            results = [engine.generate(Request(**{**base.__dict__, "steps": n}), should_stop) for n in SWEEP_STEPS]
+            results = [engine.generate(replace(base, steps=n), should_stop) for n in SWEEP_STEPS]
             return step_grid([r.image for r in results], [f"{n} step{'s' * (n > 1)}" for n in SWEEP_STEPS]), results
 
         try:

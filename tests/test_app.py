@@ -95,3 +95,9 @@ def test_model_status_reports_the_embedded_model(live_server):
     _, app = live_server
     text = app.manager.status_markdown()
     assert "embedded demo model" in text
+
+
+def test_api_calls_leave_no_slot_behind(client, live_server):
+    _, app = live_server
+    client.predict("one call", "", 2, 1.0, 0, 64, 64, api_name="/txt2img")
+    assert not [slot for slot in app.loop._seq if slot.startswith("api:")]  # each call's slot is dropped after it

@@ -31,7 +31,8 @@ from hostile_inputs import (
 )
 from PIL import Image
 
-from lcm_live.inputs import MAX_PROMPT_CHARS, load_image
+from lcm_live.engine import MAX_PROMPT_CHARS
+from lcm_live.inputs import load_image
 from lcm_live.pngmeta import read_params
 
 

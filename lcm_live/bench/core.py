@@ -183,7 +183,7 @@ def stage_flops(engine: Engine, width: int, height: int, decoder: str = "tiny") 
     text = count_flops(lambda: pipe.text_encoder(ids))
     if engine.family == "sdxl":
         text += count_flops(lambda: pipe.text_encoder_2(ids))
-    kwargs, _ = engine.encode_text(PROMPT, "", False)
+    kwargs, *_ = engine.encode_text(PROMPT, "", False)
     added = {}
     if engine.family == "sdxl":
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=rt.device, dtype=rt.dtype)

@@ -39,7 +39,7 @@ class FastLCM:
         if self.vae_dtype != self.vae.dtype:  # SDXL's VAE overflows in fp16: keep it in fp32 here
             self.vae.to(self.vae_dtype)
         self.coefficients = lcm_coefficients(LCMScheduler.from_config(pipe.scheduler.config), steps)
-        kwargs, _ = engine.encode_text("a photo", "", False)
+        kwargs, *_ = engine.encode_text("a photo", "", False)
         g = torch.Generator(rt.device).manual_seed(seed)
         shape = (batch, 4, height // 8, width // 8)
         self.noise = [torch.randn(shape, generator=g, device=rt.device, dtype=rt.dtype) for _ in range(steps + 1)]

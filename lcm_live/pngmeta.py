@@ -32,12 +32,6 @@ def save_png(image: Image.Image, params: dict, path: str | Path) -> Path:
     return Path(path)
 
 
-def png_bytes(image: Image.Image, params: dict) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=png_info(params))
-    return buffer.getvalue()
-
-
 def read_params(source: str | Path | bytes | Image.Image) -> dict:
     """The parameters stored in a PNG written by `save_png`; {} when there are none."""
     if isinstance(source, bytes):

@@ -36,7 +36,7 @@ from lcm_live.bench.core import (  # noqa: E402
 )
 from lcm_live.bench.fast import FastLCM  # noqa: E402
 from lcm_live.device import Runtime  # noqa: E402
-from lcm_live.engine import Request  # noqa: E402
+from lcm_live.request import Request  # noqa: E402
 
 
 START = time.perf_counter()

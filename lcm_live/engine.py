@@ -11,94 +11,29 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict
 
 import numpy as np
 import torch
-from diffusers import (
-    AutoencoderTiny,
-    AutoPipelineForImage2Image,
-    DiffusionPipeline,
-    LCMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-)
+from diffusers import AutoencoderTiny, AutoPipelineForImage2Image
 from PIL import Image
 
 from .device import Runtime
-from .presets import ASSETS, TAESD, ModelSpec
+from .loading import load_pipeline, load_taesd, public_id
+from .presets import ModelSpec
+from .request import (
+    GenerationError,
+    GenerationStopped,
+    ModelLoadError,
+    Request,
+    Result,
+    Timings,
+    checked,
+    effective_strength,
+)
 
 
-MIN_STEPS, MAX_STEPS = 1, 8
-MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 2.0
-MIN_SIZE, MAX_SIZE = 64, 2048
-MAX_SEED = 2**32 - 1
-MAX_PROMPT_CHARS = 1000  # far past 77 tokens; longer text is cut before it reaches the tokenizer
 EMBEDDING_CACHE_SIZE = 64
-
-
-class ModelLoadError(RuntimeError):
-    """A model could be neither fetched nor found; the message says which id and what to do."""
-
-
-class GenerationStopped(Exception):
-    """Raised inside a generation when its caller asked it to stop; `steps_done` UNet steps had run."""
-
-    def __init__(self, steps_done: int):
-        super().__init__(f"stopped after {steps_done} step(s)")
-        self.steps_done = steps_done
-
-
-class GenerationError(RuntimeError):
-    """A generation failed in a way the user should hear about (out of memory, NaN output)."""
-
-
-@dataclass(frozen=True)
-class Request:
-    prompt: str = ""
-    negative_prompt: str = ""  # used only when guidance_scale > 1
-    steps: int = 4
-    guidance_scale: float = 1.0
-    seed: int = 0
-    width: int | None = None  # None: the model's native size (or the input image's shape, fitted)
-    height: int | None = None
-    image: Image.Image | None = field(default=None, compare=False)  # given: image-to-image
-    strength: float = 0.5  # image-to-image only: how far from the input image to go
-    decoder: str = "auto"  # "auto" (the fast preview decoder when loaded), "full" or "tiny"
-
-    @property
-    def mode(self) -> str:
-        return "img2img" if self.image is not None else "txt2img"
-
-
-@dataclass
-class Timings:
-    text_ms: float = 0.0
-    denoise_ms: float = 0.0
-    decode_ms: float = 0.0
-    total_ms: float = 0.0
-    unet_steps: int = 0
-    text_cached: bool = False
-
-
-@dataclass
-class Result:
-    image: Image.Image
-    params: dict  # exactly what produced `image`; goes into the PNG text chunk
-    timings: Timings
-    latents: torch.Tensor | None = None  # (1, 4, H/8, W/8), for a later sharper decode
-    warnings: list[str] = field(default_factory=list)
-
-
-def _round8(value: float) -> int:
-    return max(MIN_SIZE, int(round(value / 8)) * 8)
-
-
-def fit_size(width: int, height: int, side: int) -> tuple[int, int]:
-    """The size with the aspect of (width, height) and the area of side x side, in multiples of 8."""
-    scale = (side * side / (width * height)) ** 0.5
-    return min(MAX_SIZE, _round8(width * scale)), min(MAX_SIZE, _round8(height * scale))
 
 
 def _fill_crop(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -110,101 +45,9 @@ def _fill_crop(image: Image.Image, width: int, height: int) -> Image.Image:
     return resized.crop((left, top, left + width, top + height))
 
 
-def public_id(model: str | None) -> str | None:
-    """A model id fit to leave the server: hub ids as they are, local folders without the server's own path."""
-    if model is None or not Path(model).exists():
-        return model
-    path = Path(model).resolve()
-    if path.is_relative_to(ASSETS.parent):
-        return str(path.relative_to(ASSETS.parent))  # e.g. assets/demo-model/base
-    return "/".join(path.parts[-2:])
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _load_error(model_id: str, what: str, error: Exception) -> ModelLoadError:
-    path = Path(model_id).expanduser()
-    if path.exists():
-        how = f"the path exists but is not a diffusers {what}"
-    elif path.is_absolute() or model_id.startswith((".", "~")) or model_id.count("/") > 1:
-        how = f"no such file or folder: {path}"
-    else:
-        how = f"download it once with network (`hf download {model_id}`), or pass a local folder"
-    return ModelLoadError(f"Could not load {what} '{model_id}': {type(error).__name__}: {error}. To fix: {how}.")
-
-
-def detect_family(base: str, local_files_only: bool = False) -> str:
-    """'sdxl' or 'sd15', read from the pipeline's model_index.json."""
-    try:
-        index = DiffusionPipeline.load_config(base, local_files_only=local_files_only)
-    except Exception as error:  # hub errors, missing folders, bad JSON: all mean "cannot load"
-        raise _load_error(base, "base model", error) from error
-    name = index.get("_class_name", "")
-    if "XL" in name:
-        return "sdxl"
-    if name in ("StableDiffusionPipeline", "LatentConsistencyModelPipeline", "StableDiffusionImg2ImgPipeline"):
-        return "sd15"
-    raise ModelLoadError(f"'{base}' is a {name or 'unknown pipeline'}; lcm-live runs SD 1.5 and SDXL family models.")
-
-
-def load_pipeline(spec: ModelSpec, runtime: Runtime, local_files_only: bool = False, progress=None):
-    """The text-to-image pipeline for `spec`, LoRA fused, LCMScheduler in, on the runtime's device."""
-    report = progress or (lambda fraction, message: None)
-    # 1. Which family: decides the pipeline class and what it is given.
-    report(0.05, f"Reading {spec.base}")
-    family = detect_family(spec.base, local_files_only)
-    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
-    # 2. The base weights, in the runtime's dtype; the fp16 variant where the runtime computes in fp16.
-    report(0.15, f"Loading {spec.base}")
-    kwargs = dict(dtype=runtime.dtype, local_files_only=local_files_only, **extra)
-    try:
-        try:
-            pipe = pipeline_class.from_pretrained(spec.base, variant=runtime.variant, **kwargs)
-        except (OSError, ValueError) as error:
-            if runtime.variant is None or "variant" not in str(error).lower():
-                raise
-            pipe = pipeline_class.from_pretrained(spec.base, **kwargs)  # no fp16 files published
-    except Exception as error:
-        raise _load_error(spec.base, "base model", error) from error
-    # 3. The LCM-LoRA, fused into the weights then unloaded: no adapter cost per step.
-    if spec.lora:
-        report(0.7, f"Loading LCM-LoRA {spec.lora}")
-        folder, weight_name = spec.lora, None
-        if spec.lora.endswith(".safetensors") and Path(spec.lora).is_file():
-            folder, weight_name = str(Path(spec.lora).parent), Path(spec.lora).name
-        try:
-            pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name="lcm",
-                                   local_files_only=local_files_only)  # fmt: skip
-        except Exception as error:
-            raise _load_error(spec.lora, "LCM-LoRA", error) from error
-        pipe.fuse_lora(lora_scale=1.0)
-        pipe.unload_lora_weights()
-    # 4. The LCM scheduler, built from the base's own schedule.
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    report(0.85, f"Moving to {runtime.label}")
-    pipe.to(runtime.device)
-    if runtime.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
-    return pipe, family
-
-
-def load_taesd(family: str, runtime: Runtime, local_files_only: bool = False) -> AutoencoderTiny:
-    """The tiny TAESD autoencoder for `family` (a fast, slightly softer stand-in for the VAE)."""
-    model_id = TAESD[family]
-    try:
-        tiny = AutoencoderTiny.from_pretrained(model_id, dtype=runtime.dtype, local_files_only=local_files_only)
-    except Exception as error:
-        raise _load_error(model_id, "TAESD decoder", error) from error
-    tiny.to(runtime.device)
-    if runtime.channels_last:
-        tiny.to(memory_format=torch.channels_last)
-    return tiny
 
 
 class Engine:
@@ -251,39 +94,7 @@ class Engine:
     # ------------------------------------------------------------------ checks
     def check(self, request: Request) -> tuple[Request, list[str]]:
         """The request with defaults filled in, plus warnings; ValueError with the bound for bad values."""
-        warnings = []
-        if not isinstance(request.prompt, str) or not isinstance(request.negative_prompt, str):
-            raise ValueError("The prompt and negative prompt must be text.")
-        if not MIN_STEPS <= int(request.steps) <= MAX_STEPS or int(request.steps) != request.steps:
-            raise ValueError(f"steps must be a whole number from {MIN_STEPS} to {MAX_STEPS}; got {request.steps}.")
-        if not MIN_GUIDANCE <= request.guidance_scale <= MAX_GUIDANCE:
-            raise ValueError(
-                f"guidance_scale must be from {MIN_GUIDANCE} to {MAX_GUIDANCE}; got {request.guidance_scale}."
-            )
-        if not 0 <= int(request.seed) <= MAX_SEED:
-            raise ValueError(f"seed must be from 0 to {MAX_SEED}; got {request.seed}.")
-        if request.image is not None and not 0 < request.strength <= 1:
-            raise ValueError(f"strength must be above 0 and at most 1; got {request.strength}.")
-        if request.decoder not in ("auto", "full", "tiny"):
-            raise ValueError(f"decoder must be auto, full or tiny; got {request.decoder!r}.")
-        if request.image is not None:
-            default_width, default_height = fit_size(request.image.width, request.image.height, self.native_size)
-        else:
-            default_width = default_height = self.native_size
-        width = default_width if request.width is None else request.width
-        height = default_height if request.height is None else request.height
-        for name, value in (("width", width), ("height", height)):
-            if not MIN_SIZE <= value <= MAX_SIZE or value % 8:
-                raise ValueError(f"{name} must be a multiple of 8 from {MIN_SIZE} to {MAX_SIZE}; got {value}.")
-        prompt = request.prompt[:MAX_PROMPT_CHARS]  # cut before anything tokenizes it
-        if len(prompt) < len(request.prompt):
-            warnings.append(
-                f"The prompt was cut to its first {MAX_PROMPT_CHARS} of {len(request.prompt)} characters; "
-                f"it now ends with \u201c{prompt[-40:]}\u201d."
-            )
-        return replace(request, prompt=prompt, negative_prompt=request.negative_prompt[:MAX_PROMPT_CHARS],
-                       width=int(width), height=int(height), steps=int(request.steps),
-                       seed=int(request.seed)), warnings  # fmt: skip
+        return checked(request, self.native_size)
 
     # ------------------------------------------------------------------ text
     def encode_text(self, prompt: str, negative_prompt: str, guided: bool) -> tuple[dict, bool, list[str]]:
@@ -351,6 +162,14 @@ class Engine:
         array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
         return Image.fromarray(np.ascontiguousarray(array)), "tiny" if use_tiny else "full"
 
+    def refine(self, latents: torch.Tensor, params: dict) -> Result:
+        """A preview's latents decoded again with the full VAE (the settle upgrade once input is still)."""
+        start = time.perf_counter()
+        image, decoder = self.decode(latents, "full")
+        _sync(self.runtime.device)
+        decode_ms = (time.perf_counter() - start) * 1e3
+        return Result(image, {**params, "decoder": decoder}, Timings(decode_ms=decode_ms, total_ms=decode_ms))
+
     # ------------------------------------------------------------------ generate
     def generate(self, request: Request, should_stop: Callable[[], bool] | None = None) -> Result:
         """Run `request`. `should_stop()` is asked between UNet blocks; True raises GenerationStopped.
@@ -374,13 +193,8 @@ class Engine:
         if should_stop is not None and should_stop():
             raise GenerationStopped(0)
         # 3. Denoise: 4 LCM steps by default; image-to-image runs int(steps * strength) of them.
-        strength = request.strength
-        if request.image is not None:
-            strength = max(strength, 1.0 / request.steps + 1e-6) if request.steps * strength < 1 else strength
-            strength = min(strength, 1.0)
-            planned = int(request.steps * strength)
-        else:
-            planned = request.steps
+        strength = effective_strength(request) if request.image is not None else request.strength
+        planned = request.unet_steps
         steps_done = 0
 
         def on_step_end(pipe, index, timestep, tensors):

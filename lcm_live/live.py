@@ -1,9 +1,9 @@
-"""The live loop: per-session newest-wins slots served round-robin by one worker thread that owns the engine.
+"""The live loop: per-session newest-wins slots served in turn by one worker thread that owns the engine.
 
-Every input change becomes a job for a slot (a browser session's tab). A slot holds only its newest job: an
-older pending job is dropped unrun, and a running job of the same slot is told to stop at its next block
-boundary inside the UNet (it still finishes when it is in its last step). Slots take turns, so one user's
-webcam stream or fast typing cannot starve another user.
+Every input change becomes a Request for a slot (a browser session's tab). A slot holds only its newest job: an
+older pending job is dropped unrun, and a running job of the same slot is told to stop. Slots take turns, so one
+user's webcam stream or fast typing cannot starve another user. The loop also remembers each slot's last preview,
+so that once input is still it can decode it again with the full VAE (`settle`).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import asyncio
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import GenerationStopped
+from .request import GenerationStopped, Request, Result
 
 
 SUPERSEDED = "superseded"  # what a dropped or stopped job's future resolves to
@@ -37,9 +37,17 @@ def _resolve(future: Future, value=None, error: BaseException | None = None) -> 
 
 
 @dataclass
+class Settle:
+    """Decode a slot's last preview again with the full VAE."""
+
+    latents: Any
+    params: dict
+
+
+@dataclass
 class Job:
     slot: str
-    work: Callable[[Any, Callable[[], bool]], Any]  # work(engine, should_stop) -> result
+    requests: tuple[Request, ...] | Settle  # several requests: one result each (the step sweep)
     seq: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     future: Future = field(default_factory=Future)
@@ -53,9 +61,9 @@ class Job:
 
 @dataclass
 class Outcome:
-    """A finished job: its result, how long the user waited (submit -> done) and how long it ran."""
+    """A finished job: its result (a list for several requests), the user's wait (submit -> done), its run time."""
 
-    result: Any
+    result: Result | list[Result]
     wait_ms: float
     run_ms: float
     seq: int
@@ -79,31 +87,36 @@ class LiveLoop:
         self._running: Job | None = None
         self._seq: dict[str, int] = {}
         self._order: dict[str, float] = {}  # slot -> send time of its newest job, when the caller knows it
+        self._previews: dict[str, tuple[int, Any, dict]] = {}  # slot -> (seq, latents, params) of its last preview
         self._cond = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._serve, name="lcm-live-worker", daemon=True)
         self._worker.start()
 
     # ------------------------------------------------------------------ submitting
-    def submit(self, slot: str, work: Callable, order: float | None = None) -> Job:
-        """Queue `work` as `slot`'s newest job; the slot's older pending job is dropped, a running one stopped.
+    def submit(self, slot: str, requests: Request | Sequence[Request] | Settle, order: float | None = None) -> Job:
+        """Queue `requests` as `slot`'s newest job; the slot's older pending job is dropped, a running one stopped.
 
         `order` is when the client sent it (Gradio's enqueue time): requests of one slot can reach this point out
         of order under load, and one sent before the slot's newest is superseded at once instead of winning.
         """
+        if isinstance(requests, Request):
+            requests = (requests,)
+        elif not isinstance(requests, Settle):
+            requests = tuple(requests)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the live loop is closed")
             if order is not None:
                 if order < self._order.get(slot, float("-inf")):
-                    late = Job(slot, work, self._seq.get(slot, 0))
+                    late = Job(slot, requests, self._seq.get(slot, 0))
                     self.stats.dropped += 1
                     _resolve(late.future, SUPERSEDED)
                     return late
                 self._order[slot] = order
             seq = self._seq.get(slot, 0) + 1
             self._seq[slot] = seq
-            job = Job(slot, work, seq)
+            job = Job(slot, requests, seq)
             older = self._pending.pop(slot, None)
             if older is not None:
                 self.stats.dropped += 1
@@ -114,27 +127,41 @@ class LiveLoop:
             self._cond.notify_all()
         return job
 
-    async def run(self, slot: str, work: Callable, order: float | None = None) -> Outcome | str:
+    async def run(self, slot: str, requests, order: float | None = None) -> Outcome | str:
         """Submit and wait without blocking the event loop; an Outcome, or SUPERSEDED."""
-        job = self.submit(slot, work, order)
+        job = self.submit(slot, requests, order)
         return await asyncio.wrap_future(job.future)
 
-    def run_sync(self, slot: str, work: Callable, timeout: float | None = None) -> Outcome | str:
-        return self.submit(slot, work).future.result(timeout)
+    def run_sync(self, slot: str, requests, timeout: float | None = None) -> Outcome | str:
+        return self.submit(slot, requests).future.result(timeout)
+
+    async def settle(self, slot: str) -> Outcome | str | None:
+        """The slot's last preview decoded with the full VAE; None when there is none or newer input came."""
+        with self._cond:
+            preview = self._previews.get(slot)
+            if preview is None or preview[0] != self._seq.get(slot, 0):
+                return None
+            del self._previews[slot]
+        return await self.run(slot, Settle(preview[1], preview[2]))
+
+    @property
+    def info(self) -> dict:
+        """What serves: model, family, runtime, native size, decoder (for the page)."""
+        return self.engine.info
 
     def latest_seq(self, slot: str) -> int:
         with self._cond:
             return self._seq.get(slot, 0)
 
     def forget(self, slot_prefix: str) -> None:
-        """Drop the pending jobs of a session that left."""
+        """Drop the pending jobs and bookkeeping of a session that left."""
         with self._cond:
             for slot in [s for s in self._pending if s.startswith(slot_prefix)]:
                 _resolve(self._pending.pop(slot).future, SUPERSEDED)
                 self.stats.dropped += 1
-            for slot in [s for s in self._seq if s.startswith(slot_prefix)]:
-                del self._seq[slot]
-                self._order.pop(slot, None)
+            for table in (self._seq, self._order, self._previews):
+                for slot in [s for s in table if s.startswith(slot_prefix)]:
+                    del table[slot]
             if self._running is not None and self._running.slot.startswith(slot_prefix):
                 self._running.stop.set()
 
@@ -142,6 +169,7 @@ class LiveLoop:
         """Serve later jobs with `engine` (the running job finishes on the old one)."""
         with self._cond:
             self.engine = engine
+            self._previews.clear()  # latents of another model
 
     def close(self) -> None:
         with self._cond:
@@ -171,6 +199,13 @@ class LiveLoop:
                 self._running = job
                 return job, self.engine
 
+    @staticmethod
+    def _work(job: Job, engine):
+        if isinstance(job.requests, Settle):
+            return engine.refine(job.requests.latents, job.requests.params)
+        results = [engine.generate(request, job.should_stop) for request in job.requests]
+        return results[0] if len(results) == 1 else results
+
     def _serve(self) -> None:
         while True:
             picked = self._next_job()
@@ -178,7 +213,7 @@ class LiveLoop:
                 return
             job, engine = picked
             try:
-                result = job.work(engine, job.should_stop)
+                result = self._work(job, engine)
                 done = time.perf_counter()
                 value, error = Outcome(result, (done - job.submitted) * 1e3, (done - job.started) * 1e3, job.seq), None
                 self.stats.ran += 1
@@ -190,4 +225,13 @@ class LiveLoop:
                 self.stats.failed += 1
             with self._cond:
                 self._running = None
+                if isinstance(value, Outcome) and isinstance(value.result, Result):
+                    self._remember_preview(job, value.result, engine)
             _resolve(job.future, value, error)
+
+    def _remember_preview(self, job: Job, result: Result, engine) -> None:
+        """Keep a fast-decoded result's latents, for the full-VAE decode once the slot's input is still."""
+        if result.params.get("decoder") == "tiny" and result.latents is not None and engine is self.engine:
+            self._previews[job.slot] = (job.seq, result.latents, result.params)
+        else:
+            self._previews.pop(job.slot, None)

@@ -15,8 +15,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from .device import Runtime
-from .engine import Engine, ModelLoadError
-from .presets import PRESETS, ModelSpec
+from .engine import Engine
+from .presets import ModelSpec
+from .request import ModelLoadError
 
 
 @dataclass
@@ -110,7 +111,3 @@ class ModelManager:
                 "shapes: try *a yellow triangle on a purple background*."
             )
         return "  \n".join(lines)
-
-
-def preset_choices() -> list[tuple[str, str]]:
-    return [(spec.label, key) for key, spec in PRESETS.items()]

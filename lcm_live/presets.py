@@ -57,3 +57,8 @@ def resolve_spec(preset: str | None = None, base: str | None = None, lora: str |
     if lora:
         return ModelSpec(spec.base, lora, spec.native_size)
     return spec
+
+
+def preset_choices() -> list[tuple[str, str]]:
+    """(label, key) pairs for a dropdown."""
+    return [(spec.label, key) for key, spec in PRESETS.items()]

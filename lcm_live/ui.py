@@ -17,17 +17,21 @@ import uuid
 from collections import OrderedDict, deque
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 from gradio.context import LocalContext
 from PIL import Image, ImageDraw
 
-from .engine import MAX_SEED, GenerationError, Request, timings_dict
 from .inputs import InputError, clean_prompt, image_from_payload
 from .live import SUPERSEDED, LiveLoop, Outcome
-from .models import ModelManager, preset_choices
 from .pngmeta import save_png
-from .presets import ASSETS, resolve_spec
+from .presets import ASSETS, preset_choices, resolve_spec
+from .request import MAX_SEED, GenerationError, Request, hud_line
+
+
+if TYPE_CHECKING:
+    from .models import ModelManager
 
 
 DEMO_PROMPT = "a yellow triangle on a purple background"
@@ -83,12 +87,8 @@ class RateMeter:
 
 
 def hud_markdown(outcome: Outcome, fps: float, info: dict, warnings: list[str]) -> str:
-    t = timings_dict(outcome.result.timings)
-    text = "cached" if t["text_cached"] else f"{t['text_ms']:.0f} ms"
-    line = (
-        f"**{outcome.wait_ms:.0f} ms** · {fps:.1f} fps · text {text} · denoise {t['denoise_ms']:.0f} ms "
-        f"({t['unet_steps']} steps) · decode {t['decode_ms']:.0f} ms · {info['runtime']} · {html.escape(info['model'])}"
-    )
+    result = outcome.result
+    line = _markdown_text(hud_line(result.timings, outcome.wait_ms, fps, info["runtime"], info["model"]))
     return line + "".join(f"  \n**Warning:** {_markdown_text(w)}" for w in warnings)
 
 
@@ -142,7 +142,6 @@ class LiveApp:
         self.manager, self.loop = manager, loop
         self.store = store or OutputStore()
         self.rates = RateMeter()
-        self._previews: OrderedDict[str, tuple[int, object, dict]] = OrderedDict()  # slot -> (seq, latents, params)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -154,9 +153,7 @@ class LiveApp:
         """Run `request` in `slot`; (png path, HUD) or None when a newer request superseded it."""
         one_shot = slot.startswith(API_SLOT)
         try:
-            outcome = await self.loop.run(
-                slot, lambda engine, should_stop: engine.generate(request, should_stop), order=_event_order()
-            )
+            outcome = await self.loop.run(slot, request, order=_event_order())
         except (ValueError, GenerationError) as error:
             raise gr.Error(_toast_text(str(error))) from error
         finally:
@@ -169,11 +166,7 @@ class LiveApp:
             gr.Warning(_toast_text(warning))
         fps = self.rates.tick(slot)
         path = self.store.save(result.image, result.params)
-        if not one_shot and result.params.get("decoder") == "tiny" and result.latents is not None:
-            self._previews[slot] = (outcome.seq, result.latents, result.params)
-            while len(self._previews) > 256:
-                self._previews.popitem(last=False)
-        return path, hud_markdown(outcome, fps, self.loop.engine.info, result.warnings)
+        return path, hud_markdown(outcome, fps, self.loop.info, result.warnings)
 
     # ------------------------------------------------------------------ handlers
     async def txt2img(self, prompt, negative, steps, guidance, seed, width, height, request: gr.Request = None):
@@ -206,35 +199,27 @@ class LiveApp:
                        guidance_scale=_float(guidance, "guidance"), seed=_int(seed, "seed"),
                        width=_int(width, "width"), height=_int(height, "height"))  # fmt: skip
 
-        def work(engine, should_stop):
-            results = [engine.generate(replace(base, steps=n), should_stop) for n in SWEEP_STEPS]
-            return step_grid([r.image for r in results], [f"{n} step{'s' * (n > 1)}" for n in SWEEP_STEPS]), results
-
         try:
-            outcome = await self.loop.run(self.slot(request, "sweep"), work)
+            outcome = await self.loop.run(self.slot(request, "sweep"), [replace(base, steps=n) for n in SWEEP_STEPS])
         except (ValueError, GenerationError) as error:
             raise gr.Error(_toast_text(str(error))) from error
         if outcome == SUPERSEDED:
             return gr.skip()
-        grid, results = outcome.result
+        results = outcome.result
+        grid = step_grid([r.image for r in results], [f"{n} step{'s' * (n > 1)}" for n in SWEEP_STEPS])
         params = {**results[0].params, "steps": list(SWEEP_STEPS), "kind": "step sweep"}
         return self.store.save(grid, params)
 
     async def settle(self, tab: str, request: gr.Request | None):
         """Once input has been still for a moment, replace a TAESD preview by the full VAE's decode of it."""
         await asyncio.sleep(SETTLE_AFTER_S)
-        slot = self.slot(request, tab)
-        preview = self._previews.get(slot)
-        if preview is None or preview[0] != self.loop.latest_seq(slot):
-            return gr.skip()  # newer input came, or nothing to upgrade
-        _, latents, params = self._previews.pop(slot)
         try:
-            outcome = await self.loop.run(slot, lambda engine, should_stop: engine.decode(latents, "full")[0])
+            outcome = await self.loop.settle(self.slot(request, tab))
         except Exception:  # e.g. the model was switched meanwhile: keep the preview
             return gr.skip()
-        if outcome == SUPERSEDED:
-            return gr.skip()
-        return self.store.save(outcome.result, {**params, "decoder": "full"})
+        if outcome is None or outcome == SUPERSEDED:
+            return gr.skip()  # newer input came, or nothing to upgrade
+        return self.store.save(outcome.result.image, outcome.result.params)
 
     async def settle_txt2img(self, request: gr.Request):
         return await self.settle("txt2img", request)

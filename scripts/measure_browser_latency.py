@@ -61,8 +61,8 @@ def measure(mode: str, model_time: float, bursts: int, key_delay_ms: int) -> dic
     from playwright.sync_api import sync_playwright
 
     from app import build
-    from lcm_live.engine import Request
     from lcm_live.pngmeta import read_params
+    from lcm_live.request import Request
     from lcm_live.settings import Settings
     from lcm_live.ui import CSS, build_ui
 

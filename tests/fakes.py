@@ -5,7 +5,7 @@ import time
 
 from PIL import Image
 
-from lcm_live.engine import GenerationStopped, Result, Timings
+from lcm_live.request import GenerationStopped, Result, Timings
 
 
 class FakeEngine:
@@ -17,8 +17,12 @@ class FakeEngine:
         self.started: list[str] = []
         self.lock = threading.Lock()
 
+    info = dict(model="fake", runtime="cpu fake", native_size=8, embedded=False, decoder="VAE", family="sd15")
+
     def generate(self, request, should_stop=None):
         self.started.append(request.prompt)
+        if request.prompt.startswith("fail: "):
+            raise MemoryError(request.prompt.removeprefix("fail: "))
         for index in range(request.steps):
             if should_stop is not None and index > 0 and should_stop():
                 raise GenerationStopped(index)

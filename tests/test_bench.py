@@ -69,7 +69,7 @@ def test_img2img_preview_encodes_with_taesd():
 
     from lcm_live.bench.core import make_engine
     from lcm_live.device import Runtime
-    from lcm_live.engine import Request
+    from lcm_live.request import Request
 
     engine = make_engine("tiny-sd15", Runtime("cpu", torch.float32, False), taesd=True)
     calls = []

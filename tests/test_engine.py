@@ -5,9 +5,10 @@ import pytest
 import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from lcm_live.engine import Engine, GenerationStopped, ModelLoadError, Request
+from lcm_live.engine import Engine
 from lcm_live.pngmeta import read_params, save_png
 from lcm_live.presets import ModelSpec, resolve_spec
+from lcm_live.request import GenerationStopped, ModelLoadError, Request
 
 
 def _count_calls(module):
@@ -117,7 +118,7 @@ def test_img2img_keeps_the_input_aspect(sd15_engine):
         (dict(guidance_scale=7.5), "guidance_scale must be from 1.0 to 2.0"),
         (dict(width=100), "width must be a multiple of 8"),
         (dict(height=4096), "height must be a multiple of 8 from 64 to 2048"),
-        (dict(seed=-1), "seed must be from 0"),
+        (dict(seed=-1), "seed must be a whole number from 0"),
     ],
 )
 def test_bad_arguments_give_a_clear_error(sd15_engine, change, message):

@@ -31,9 +31,9 @@ from hostile_inputs import (
 )
 from PIL import Image
 
-from lcm_live.engine import MAX_PROMPT_CHARS
 from lcm_live.inputs import load_image
 from lcm_live.pngmeta import read_params
+from lcm_live.request import MAX_PROMPT_CHARS
 
 
 pytestmark = pytest.mark.app

@@ -5,13 +5,13 @@ import time
 
 import pytest
 
-from lcm_live.engine import Request
 from lcm_live.live import SUPERSEDED, LiveLoop, Outcome
+from lcm_live.request import Request
 from tests.fakes import FakeEngine
 
 
 def generate(prompt, steps=4):
-    return lambda engine, should_stop: engine.generate(Request(prompt=prompt, steps=steps), should_stop)
+    return Request(prompt=prompt, steps=steps)
 
 
 @pytest.fixture
@@ -93,11 +93,8 @@ def test_sessions_take_turns(loop):
 
 
 def test_a_failing_job_reports_its_error_and_the_loop_keeps_serving(loop):
-    def broken(engine, should_stop):
-        raise MemoryError("pretend out of memory")
-
-    job = loop.submit("s1", broken)
-    with pytest.raises(MemoryError):
+    job = loop.submit("s1", generate("fail: pretend out of memory"))
+    with pytest.raises(MemoryError, match="pretend out of memory"):
         job.future.result(timeout=5)
     assert loop.run_sync("s1", generate("after"), timeout=5).result.params["prompt"] == "after"
 
@@ -110,18 +107,21 @@ def test_forget_drops_a_leaving_sessions_jobs(loop):
     assert pending.future.result(timeout=5) == SUPERSEDED
 
 
-def test_the_real_engine_stops_inside_a_step(sd15_engine):
+def test_the_real_engine_stops_when_superseded(sd15_engine):
     loop = LiveLoop(sd15_engine)
     try:
         calls = []
-        hook = sd15_engine.txt2img.unet.register_forward_hook(lambda *args: calls.append(1))
 
-        def work(engine, should_stop):
-            return engine.generate(Request(prompt="slow", steps=8), lambda: len(calls) >= 2 or should_stop())
+        def count_and_supersede(*args):
+            calls.append(1)
+            if len(calls) == 2:  # a newer input arrives during the second UNet call
+                loop.submit("s1", Request(prompt="newer", steps=1))
 
-        assert loop.run_sync("s1", work, timeout=30) == SUPERSEDED
+        hook = sd15_engine.txt2img.unet.register_forward_hook(count_and_supersede)
+        first = loop.submit("s1", Request(prompt="slow", steps=8))
+        assert first.future.result(timeout=30) == SUPERSEDED
         hook.remove()
-        assert len(calls) == 2
+        assert len(calls) <= 3  # the slow request stopped at its next boundary, the newer one ran one step
     finally:
         loop.close()
 

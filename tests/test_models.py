@@ -46,7 +46,7 @@ def test_switching_loads_in_the_background_and_takes_over(manager, tiny_models):
     assert any("Loading" in line for line in seen_progress)
     assert manager.engine.family == "sdxl" and manager.status.error is None
     assert not manager.engine.info["embedded"]
-    result = manager.loop.run_sync("s", lambda engine, stop: engine.generate(_request("after switch"), stop), 30)
+    result = manager.loop.run_sync("s", _request("after switch"), 30)
     assert result.result.params["model"] == "sdxl/base"  # a local folder, without the server's own path
 
 
@@ -57,7 +57,7 @@ def run_async(coroutine):
 
 
 def _request(prompt):
-    from lcm_live.engine import Request
+    from lcm_live.request import Request
 
     return Request(prompt=prompt)
 

@@ -40,7 +40,7 @@ def _save(args, name: str, data: dict, markdown: str) -> dict:
 def cmd_engine(args) -> dict:
     from PIL import Image
 
-    from ..engine import Request
+    from ..request import Request
 
     runtime = _runtime(args)
     engine = core.make_engine(args.arch, runtime, taesd=True, model=args.model)
@@ -76,7 +76,7 @@ def _stages(row: dict) -> list[tuple[str, float]]:
 # ---------------------------------------------------------------------- compare
 def cmd_compare(args) -> dict:
     from ..device import Runtime
-    from ..engine import Request
+    from ..request import Request
 
     size = args.size or (SMOKE_SIZE if args.smoke else 512)
     arch = args.arch
@@ -138,7 +138,7 @@ def cmd_live(args) -> dict:
     scale = args.scale
     model_s = steps * step_s + decode_s  # unscaled model-time T
     results = []
-    from ..engine import Request
+    from ..request import Request
 
     probe = live.CalibratedEngine(step_s / scale, decode_s / scale)
     measured = statistics.median(probe.generate(Request(steps=steps)).timings.total_ms / 1e3 for _ in range(3))
@@ -184,7 +184,7 @@ def cmd_live(args) -> dict:
 
 
 def _live_real(args, live) -> list[dict]:
-    from ..engine import Request
+    from ..request import Request
 
     engine = core.make_engine("embedded", _runtime(args), taesd=False)
     size = SMOKE_SIZE if engine.native_size > 256 else engine.native_size
@@ -211,7 +211,7 @@ def cmd_table(args) -> dict:
     engine = core.make_engine(arch, runtime, taesd=False, model=args.model)
     native = engine.native_size
     size = args.size or native
-    from ..engine import Request
+    from ..request import Request
 
     lcm = core.timed(lambda: engine.generate(Request(prompt=core.PROMPT, steps=4, width=size, height=size,
                                                      decoder="full")), args.repeats, runtime.device)  # fmt: skip
@@ -234,7 +234,7 @@ def cmd_table(args) -> dict:
 def cmd_sweep(args) -> dict:
     from PIL import Image, ImageDraw
 
-    from ..engine import Request
+    from ..request import Request
 
     engine = core.make_engine("embedded" if not args.smoke else SMOKE_ARCH, _runtime(args), taesd=False,
                               model=args.model)  # fmt: skip

@@ -15,8 +15,9 @@ import torch
 
 from ..architectures import ARCHITECTURES, build_pipeline
 from ..device import Runtime
-from ..engine import Engine, Request
+from ..engine import Engine
 from ..presets import PRESETS, ModelSpec
+from ..request import Request
 
 
 PROMPT = "close-up photography of old man standing in the rain at night, in a street lit by lamps, leica 35mm summilux"

@@ -15,8 +15,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..engine import GenerationStopped, Request, Result, Timings
 from ..live import SUPERSEDED, LiveLoop
+from ..request import GenerationStopped, Request, Result, Timings
 from .core import PROMPT
 
 
@@ -129,7 +129,7 @@ class LiveLoopPolicy:
         self.loop, self.shown = LiveLoop(engine), shown
 
     def input(self, index: int, request: Request) -> None:
-        job = self.loop.submit("bench", lambda engine, should_stop: engine.generate(request, should_stop))
+        job = self.loop.submit("bench", request)
 
         def done(future, index=index):
             if future.exception() is None and future.result() != SUPERSEDED:

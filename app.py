@@ -18,7 +18,7 @@ def build(settings: Settings):
     if settings.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
     from lcm_live.device import pick_runtime
-    from lcm_live.live import LiveLoop
+    from lcm_live.live import Limits, LiveLoop
     from lcm_live.models import ModelManager
     from lcm_live.presets import PRESETS, resolve_spec
     from lcm_live.ui import LiveApp, build_ui
@@ -28,7 +28,8 @@ def build(settings: Settings):
     manager = ModelManager(runtime, taesd=settings.taesd, offline=settings.offline,
                            auto_dtype=settings.dtype == "auto", compile=settings.compile)  # fmt: skip
     # Up in about a second on the embedded model, whatever the network does.
-    loop = LiveLoop(manager.load_now(PRESETS["demo"], compile=settings.compile and wanted.is_embedded))
+    loop = LiveLoop(manager.load_now(PRESETS["demo"], compile=settings.compile and wanted.is_embedded),
+                    Limits(max_cost=settings.max_cost))  # fmt: skip
     manager.attach(loop)
     if not wanted.is_embedded:
         manager.switch(wanted)

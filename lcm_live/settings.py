@@ -24,6 +24,7 @@ class Settings:
     queue_size: int = 64  # queued events above this get "busy, try again"
     offline: bool = False  # never contact the hub (same as HF_HUB_OFFLINE=1)
     compile: bool = False  # torch.compile the UNet of the requested model (slow start, faster steps on CUDA)
+    max_cost: int | None = None  # pixels x steps one request may cost; None: the model's native size at 8 steps
 
     @classmethod
     def from_env(cls, environ=os.environ) -> Settings:
@@ -55,6 +56,8 @@ class Settings:
                             help="never contact the model hub")  # fmt: skip
         parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=env.compile,
                             help="torch.compile the UNet (compile time is shown on the page)")  # fmt: skip
+        parser.add_argument("--max-cost", type=int, default=env.max_cost,
+                            help="most pixels x UNet steps one request may cost (default: native size at 8 steps)")  # fmt: skip
         return cls(**vars(parser.parse_args(argv)))
 
 

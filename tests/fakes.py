@@ -17,7 +17,8 @@ class FakeEngine:
         self.started: list[str] = []
         self.lock = threading.Lock()
 
-    info = dict(model="fake", runtime="cpu fake", native_size=8, embedded=False, decoder="VAE", family="sd15")
+    native_size = 64
+    info = dict(model="fake", runtime="cpu fake", native_size=64, embedded=False, decoder="VAE", family="sd15")
 
     def generate(self, request, should_stop=None):
         self.started.append(request.prompt)

@@ -271,7 +271,8 @@ def tiny_queue_server():
     from app import launch
     from lcm_live.settings import Settings
 
-    settings = Settings(preset="demo", offline=True, port=_free_port(), max_file_size="2mb", queue_size=2)
+    settings = Settings(preset="demo", offline=True, port=_free_port(), max_file_size="2mb", queue_size=2,
+                        max_cost=256 * 256 * 8)  # slow requests, to fill the queue  # fmt: skip
     demo, app = launch(settings, prevent_thread_lock=True)
     yield f"http://127.0.0.1:{settings.port}/", app
     demo.close()

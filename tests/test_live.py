@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from lcm_live.live import SUPERSEDED, LiveLoop, Outcome
-from lcm_live.request import Request
+from lcm_live.live import SUPERSEDED, Limits, LiveLoop, Outcome
+from lcm_live.request import Request, RequestRefused
 from tests.fakes import FakeEngine
 
 
@@ -135,3 +135,44 @@ def test_a_waiter_that_gives_up_does_not_stop_the_worker(loop):
     time.sleep(0.2)
     assert "never wanted" not in loop.engine.started
     assert loop.run_sync("s3", generate("next"), timeout=5).result.params["prompt"] == "next"
+
+
+def test_a_request_over_the_cost_cap_is_refused_before_it_queues():
+    loop = LiveLoop(FakeEngine(step_s=0.01), Limits(max_cost=64 * 64 * 4))
+    try:
+        with pytest.raises(RequestRefused, match="128x128 at 4 steps is more than this server runs"):
+            loop.submit("s1", Request(prompt="big", width=128, height=128))
+        assert loop.run_sync("s1", Request(prompt="small", width=64, height=64), timeout=5).result.params[
+            "prompt"
+        ] == "small"
+        assert "big" not in loop.engine.started
+    finally:
+        loop.close()
+
+
+def test_one_visitor_cannot_queue_more_than_its_share():
+    loop = LiveLoop(FakeEngine(step_s=0.05), Limits(session_jobs=2, address_jobs=3))
+    try:
+        loop.submit("a:1", generate("a1", steps=8), address="10.0.0.1")
+        loop.submit("a:2", generate("a2"), address="10.0.0.1")
+        with pytest.raises(RequestRefused, match="from this session"):
+            loop.submit("a:3", generate("a3"), address="10.0.0.1")
+        loop.submit("a:2", generate("a2 newer"), address="10.0.0.1")  # superseding its own slot is always fine
+        loop.submit("b:1", generate("b1"), address="10.0.0.1")
+        with pytest.raises(RequestRefused, match="from your address"):
+            loop.submit("c:1", generate("c1"), address="10.0.0.1")
+        assert loop.run_sync("d:1", generate("another visitor"), timeout=5) != SUPERSEDED
+    finally:
+        loop.close()
+
+
+def test_bookkeeping_of_silent_slots_expires():
+    loop = LiveLoop(FakeEngine(step_s=0.001), Limits(idle_forget_s=0.05))
+    try:
+        for i in range(20):
+            loop.run_sync(f"session{i}:txt2img", generate(f"p{i}", steps=1), timeout=5)
+        time.sleep(0.1)
+        loop.run_sync("last:txt2img", generate("last", steps=1), timeout=5)
+        assert loop.tables_size() <= 2  # the last slot's own entries only
+    finally:
+        loop.close()

@@ -7,11 +7,16 @@ prompt, and a generation can be stopped at any step boundary.
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +55,65 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@dataclass(eq=False)
+class Row:
+    """One request in flight: its embeddings, generator, scheduler state, timesteps and latents."""
+
+    request: Request  # checked: every default filled in
+    warnings: list[str]
+    strength: float  # the strength actually used (img2img)
+    text: dict  # prompt_embeds (1, 77, D) [, negative_prompt_embeds, pooled_prompt_embeds, ...]
+    scheduler: Any  # this row's own copy: its step index and noise are its own
+    timesteps: list  # the timesteps this row runs, in order
+    generator: torch.Generator  # seeded per request: its image is the same alone or batched
+    latents: torch.Tensor  # (1, 4, h, w)
+    text_cached: bool = False
+    index: int = 0  # steps done
+    batch: int = 1  # the most rows it shared a UNet call with
+    text_ms: float = 0.0
+    began: float = 0.0
+
+    @property
+    def guided(self) -> bool:
+        return self.request.guidance_scale > 1.0
+
+    @property
+    def key(self) -> tuple:
+        """Rows with equal keys can share a UNet call."""
+        return tuple(self.latents.shape[1:]), self.latents.dtype
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+    @property
+    def last_step(self) -> bool:
+        """The next step is this row's last."""
+        return self.index == len(self.timesteps) - 1
+
+    @property
+    def pixels(self) -> int:
+        return self.request.width * self.request.height
+
+
+@functools.cache
+def _step_parameters(scheduler_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(scheduler_class.step).parameters)
+
+
+@contextmanager
+def _swapped(pipe, **components):
+    """Give `pipe` other components (a row's scheduler, the tiny VAE) for the duration of a block."""
+    before = {name: getattr(pipe, name) for name in components}
+    for name, value in components.items():
+        setattr(pipe, name, value)
+    try:
+        yield pipe
+    finally:
+        for name, value in before.items():
+            setattr(pipe, name, value)
+
+
 class Engine:
     """Owns one pipeline; `generate` runs a Request. Callers serialise their calls (the live loop does)."""
 
@@ -65,6 +129,7 @@ class Engine:
         self._lock = threading.Lock()
         self.notes: list[str] = []  # things the user should know about this load (shown on the page)
         self.compiled = False  # a compiled UNet stops at step boundaries only (hooks would force recompiles)
+        self.step_options: dict = {}  # extra scheduler.step options of the model's recipe (e.g. eta)
 
     @classmethod
     def load(cls, spec: ModelSpec, runtime: Runtime, taesd: bool = False, local_files_only: bool = False,
@@ -137,120 +202,216 @@ class Engine:
             self._embeddings.popitem(last=False)
         return kwargs, False, warnings
 
+    # ------------------------------------------------------------------ rows
+    def start(self, request: Request) -> Row:
+        """A row for `request`: checked, text encoded, its own generator, scheduler copy, timesteps and latents."""
+        device, pipe = self.runtime.device, self.txt2img
+        # 1. Check the request and fill in its defaults.
+        request, warnings = self.check(request)
+        began = time.perf_counter()
+        # 2. Text embeddings (cached by prompt: a slider move does not re-run the text encoder).
+        guided = request.guidance_scale > 1.0
+        text, cached, text_warnings = self.encode_text(request.prompt, request.negative_prompt, guided)
+        # 3. This row's own scheduler and timesteps (img2img runs the last int(steps * strength) of them).
+        scheduler = copy.deepcopy(self.txt2img.scheduler)
+        scheduler.set_timesteps(request.steps, device=device)
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        dtype = text["prompt_embeds"].dtype
+        strength = effective_strength(request) if request.image is not None else request.strength
+        # 4. Initial latents, exactly as the pipeline's own prepare_latents makes them.
+        with torch.inference_mode(), _swapped(pipe, scheduler=scheduler), _swapped(self.img2img, scheduler=scheduler):
+            if request.image is None:
+                timesteps = scheduler.timesteps
+                latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, request.height, request.width,
+                                               dtype, device, generator)  # fmt: skip  # (1, 4, h, w)
+            else:
+                timesteps, _ = self.img2img.get_timesteps(request.steps, strength, device)
+                init = _fill_crop(request.image.convert("RGB"), request.width, request.height)
+                pixels = self.img2img.image_processor.preprocess(init)  # (1, 3, H, W) in [-1, 1]
+                # A preview decoded by TAESD is also encoded by it: ~15x fewer FLOPs than the full VAE.
+                vae = self.tiny_vae if self._uses_tiny(request.decoder) else self.full_vae
+                with _swapped(self.img2img, vae=vae):
+                    latents = self.img2img.prepare_latents(pixels, timesteps[:1], 1, 1, dtype, device, generator)
+        if self.runtime.channels_last:
+            latents = latents.contiguous()
+        row = Row(request=request, warnings=warnings + text_warnings, strength=strength, text=text,
+                  scheduler=scheduler, timesteps=list(timesteps), generator=generator, latents=latents,
+                  text_cached=cached)  # fmt: skip
+        row.text_ms = (time.perf_counter() - began) * 1e3
+        row.began = began
+        return row
+
+    def step(self, rows: list[Row], should_abort: Callable[[], bool] | None = None) -> bool:
+        """One denoising step for `rows` (same latent size) in one UNet call; False if `should_abort` stopped it.
+
+        `should_abort()` is asked between UNet blocks (a step can take seconds on a CPU); when it says True the
+        step is abandoned and every row keeps its state from before it.
+        """
+        unet = self.txt2img.unet
+        # 1. The batch: a guided row adds its unconditional half; each entry has its own timestep.
+        samples, timesteps, embeds, pooled, time_ids, guidance = [], [], [], [], [], []
+        for row in rows:
+            t = row.timesteps[row.index]
+            scaled = row.scheduler.scale_model_input(row.latents, t)  # (1, 4, h, w)
+            halves = [("negative_prompt_embeds", "negative_pooled_prompt_embeds")] if row.guided else []
+            for embed_key, pooled_key in [*halves, ("prompt_embeds", "pooled_prompt_embeds")]:
+                samples.append(scaled)
+                timesteps.append(t)
+                embeds.append(row.text[embed_key])
+                if self.family == "sdxl":
+                    pooled.append(row.text[pooled_key])
+                    time_ids.append(self._time_ids(row))
+                guidance.append(row.request.guidance_scale)
+        sample = torch.cat(samples)  # (B, 4, h, w), B = rows + guided rows
+        t_vec = torch.stack([torch.as_tensor(t, device=sample.device) for t in timesteps]).reshape(-1)  # (B,)
+        added = {"text_embeds": torch.cat(pooled), "time_ids": torch.cat(time_ids)} if pooled else None
+        timestep_cond = None
+        if unet.config.time_cond_proj_dim is not None:  # LCM-distilled full models embed w = guidance - 1
+            w = torch.tensor(guidance, device=sample.device) - 1
+            timestep_cond = self.txt2img.get_guidance_scale_embedding(
+                w, embedding_dim=unet.config.time_cond_proj_dim).to(device=sample.device, dtype=sample.dtype)  # fmt: skip
+        # 2. One UNet call for all of them.
+        hooks = self._abort_hooks(should_abort) if should_abort is not None and not self.compiled else []
+        try:
+            with torch.inference_mode():
+                noise = unet(sample, t_vec, encoder_hidden_states=torch.cat(embeds), timestep_cond=timestep_cond,
+                             added_cond_kwargs=added, return_dict=False)[0]  # fmt: skip  # (B, 4, h, w)
+        except GenerationStopped:
+            return False
+        except torch.OutOfMemoryError as error:
+            self.free_memory()
+            raise GenerationError(f"Out of memory at batch {len(rows)}: try a smaller size.") from error
+        finally:
+            for hook in hooks:
+                hook.remove()
+        # 3. Each row steps its own scheduler (classifier-free guidance first for guided rows).
+        entry = 0
+        with torch.inference_mode():
+            for row in rows:
+                if row.guided:
+                    uncond, cond = noise[entry : entry + 1], noise[entry + 1 : entry + 2]
+                    prediction = uncond + row.request.guidance_scale * (cond - uncond)
+                    entry += 2
+                else:
+                    prediction = noise[entry : entry + 1]
+                    entry += 1
+                t = row.timesteps[row.index]
+                row.latents = row.scheduler.step(prediction, t, row.latents, **self._step_kwargs(row),
+                                                 return_dict=False)[0]  # fmt: skip
+                row.index += 1
+                row.batch = max(row.batch, len(rows))
+        return True
+
+    def finish(self, rows: list[Row]) -> list[Result]:
+        """Decode finished rows together (one call per decoder); a Result each, or GenerationError for NaN."""
+        results: list[Result | None] = [None] * len(rows)
+        for decoder in {self._decoder_for(row) for row in rows}:
+            picked = [i for i, row in enumerate(rows) if self._decoder_for(row) == decoder]
+            began = time.perf_counter()
+            latents = torch.cat([rows[i].latents for i in picked])  # (N, 4, h, w)
+            images, finite = self._decode(latents, decoder)
+            decode_ms = (time.perf_counter() - began) * 1e3
+            for i, image, ok in zip(picked, images, finite):
+                row = rows[i]
+                if not ok:
+                    results[i] = GenerationError("The model produced NaN or infinite values; try another seed, "
+                                                 "or dtype float32.")  # fmt: skip
+                    continue
+                denoise_ms = (began - row.began) * 1e3 - row.text_ms
+                timings = Timings(text_ms=row.text_ms, denoise_ms=denoise_ms, decode_ms=decode_ms,
+                                  total_ms=row.text_ms + denoise_ms + decode_ms, unet_steps=row.index,
+                                  text_cached=row.text_cached, batch=row.batch)  # fmt: skip
+                params = self.params_for(row.request, row.strength, decoder)
+                results[i] = Result(image, params, timings, row.latents, row.warnings)
+        return results
+
+    def generate(self, request: Request, should_stop: Callable[[], bool] | None = None) -> Result:
+        """Run one request alone. `should_stop()` is asked between UNet blocks; True raises GenerationStopped.
+
+        A run in its last denoising step always finishes: its image is nearly done.
+        """
+        with self._lock:
+            row = self.start(request)
+            while not row.done:
+                stop = should_stop if should_stop is not None and not row.last_step else None
+                if (stop is not None and stop()) or not self.step([row], stop):
+                    raise GenerationStopped(row.index)
+            result = self.finish([row])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    # ------------------------------------------------------------------ helpers of the step loop
+    def _time_ids(self, row: Row) -> torch.Tensor:
+        """SDXL's size conditioning: original size, crop (0, 0), target size; (1, 6)."""
+        size = (row.request.height, row.request.width)
+        pipe = self.txt2img
+        projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(
+            row.text["pooled_prompt_embeds"].shape[-1])  # fmt: skip
+        ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=row.latents.dtype,
+                                     text_encoder_projection_dim=projection)  # fmt: skip
+        return ids.to(row.latents.device)
+
+    def _step_kwargs(self, row: Row) -> dict:
+        """What the pipeline passes to scheduler.step: the row's generator, and eta where the scheduler takes one."""
+        accepted = _step_parameters(type(row.scheduler))
+        kwargs = {}
+        if "generator" in accepted:
+            kwargs["generator"] = row.generator
+        if "eta" in accepted:
+            kwargs["eta"] = self.step_options.get("eta", 0.0)
+        return kwargs
+
+    def _abort_hooks(self, should_abort: Callable[[], bool]) -> list:
+        def check_block(module, args):
+            if should_abort():
+                raise GenerationStopped(0)
+
+        unet = self.txt2img.unet
+        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+        return [block.register_forward_pre_hook(check_block) for block in blocks if block is not None]
+
+    def _decoder_for(self, row: Row) -> str:
+        return "tiny" if self._uses_tiny(row.request.decoder) else "full"
+
     # ------------------------------------------------------------------ decode
     def _uses_tiny(self, decoder: str) -> bool:
         return self.tiny_vae is not None and decoder in ("auto", "tiny")
 
-    def decode(self, latents: torch.Tensor, decoder: str = "auto") -> tuple[Image.Image, str]:
-        """latents (1, 4, h, w) -> RGB image, with the tiny decoder when asked and loaded; (image, decoder used)."""
-        use_tiny = self._uses_tiny(decoder)
-        vae = self.tiny_vae if use_tiny else self.full_vae
+    def _decode(self, latents: torch.Tensor, decoder: str) -> tuple[list[Image.Image], list[bool]]:
+        """latents (N, 4, h, w) -> N RGB images, and whether each was finite (latents and pixels)."""
+        vae = self.tiny_vae if decoder == "tiny" else self.full_vae
         with torch.inference_mode():
             scaled = latents / vae.config.scaling_factor
             if getattr(vae.config, "shift_factor", None):
                 scaled = scaled + vae.config.shift_factor
-            upcast = not use_tiny and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+            upcast = decoder == "full" and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
             if upcast:  # SDXL's VAE overflows in fp16
                 vae.to(torch.float32)
             try:
-                pixels = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]  # (1, 3, H, W) in [-1, 1]
+                pixels = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]  # (N, 3, H, W) in [-1, 1]
             finally:
                 if upcast:
                     vae.to(torch.float16)
-        if not torch.isfinite(pixels).all():
+            finite = torch.isfinite(latents).flatten(1).all(1) & torch.isfinite(pixels).flatten(1).all(1)  # (N,)
+            arrays = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)  # (N, H, W, 3)
+            arrays, finite = arrays.cpu().numpy(), finite.cpu().tolist()
+        return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays], finite
+
+    def decode(self, latents: torch.Tensor, decoder: str = "auto") -> tuple[Image.Image, str]:
+        """latents (1, 4, h, w) -> RGB image, with the tiny decoder when asked and loaded; (image, decoder used)."""
+        used = "tiny" if self._uses_tiny(decoder) else "full"
+        images, finite = self._decode(latents, used)
+        if not finite[0]:
             raise GenerationError("The decoder produced NaN or infinite values; try another seed or dtype float32.")
-        array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(np.ascontiguousarray(array)), "tiny" if use_tiny else "full"
+        return images[0], used
 
     def refine(self, latents: torch.Tensor, params: dict) -> Result:
         """A preview's latents decoded again with the full VAE (the settle upgrade once input is still)."""
         start = time.perf_counter()
         image, decoder = self.decode(latents, "full")
-        _sync(self.runtime.device)
         decode_ms = (time.perf_counter() - start) * 1e3
         return Result(image, {**params, "decoder": decoder}, Timings(decode_ms=decode_ms, total_ms=decode_ms))
-
-    # ------------------------------------------------------------------ generate
-    def generate(self, request: Request, should_stop: Callable[[], bool] | None = None) -> Result:
-        """Run `request`. `should_stop()` is asked between UNet blocks; True raises GenerationStopped.
-
-        A run in its last denoising step always finishes: its image is nearly done.
-        """
-        with self._lock:
-            return self._generate(request, should_stop)
-
-    def _generate(self, request: Request, should_stop: Callable[[], bool] | None) -> Result:
-        device = self.runtime.device
-        # 1. Check the request and fill in its defaults.
-        request, warnings = self.check(request)
-        start = time.perf_counter()
-        # 2. Text embeddings (cached by prompt: a slider move does not re-run the text encoder).
-        guided = request.guidance_scale > 1.0
-        text_kwargs, cached, text_warnings = self.encode_text(request.prompt, request.negative_prompt, guided)
-        warnings = warnings + text_warnings
-        _sync(device)
-        text_done = time.perf_counter()
-        if should_stop is not None and should_stop():
-            raise GenerationStopped(0)
-        # 3. Denoise: 4 LCM steps by default; image-to-image runs int(steps * strength) of them.
-        strength = effective_strength(request) if request.image is not None else request.strength
-        planned = request.unet_steps
-        steps_done = 0
-
-        def on_step_end(pipe, index, timestep, tensors):
-            nonlocal steps_done
-            steps_done = index + 1
-            if should_stop is not None and steps_done < planned and should_stop():
-                raise GenerationStopped(steps_done)
-            return {}
-
-        common = dict(
-            num_inference_steps=request.steps, guidance_scale=request.guidance_scale, output_type="latent",
-            generator=torch.Generator("cpu").manual_seed(request.seed), callback_on_step_end=on_step_end,
-            **text_kwargs,
-        )  # fmt: skip
-        hooks = []
-        if should_stop is not None and not self.compiled:  # also stop inside a step: a step can take seconds
-
-            def check_block(module, args):
-                if steps_done < planned - 1 and should_stop():
-                    raise GenerationStopped(steps_done)
-
-            unet = self.txt2img.unet
-            blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-            hooks = [block.register_forward_pre_hook(check_block) for block in blocks if block is not None]
-        try:
-            with torch.inference_mode():
-                if request.image is None:
-                    out = self.txt2img(width=request.width, height=request.height, **common)
-                else:
-                    init = _fill_crop(request.image.convert("RGB"), request.width, request.height)
-                    # A preview decoded by TAESD is also encoded by it: ~15x fewer FLOPs than the full VAE.
-                    if self._uses_tiny(request.decoder):
-                        self.img2img.vae = self.tiny_vae
-                    out = self.img2img(image=init, strength=strength, **common)
-        except torch.OutOfMemoryError as error:
-            self.free_memory()
-            raise GenerationError(f"Out of memory at {request.width}x{request.height}: try a smaller size.") from error
-        finally:
-            self.img2img.vae = self.full_vae
-            for hook in hooks:
-                hook.remove()
-        latents = out.images  # (1, 4, H/8, W/8)
-        if not torch.isfinite(latents).all():
-            raise GenerationError("The model produced NaN latents; try another seed, or dtype float32.")
-        _sync(device)
-        denoise_done = time.perf_counter()
-        # 4. Decode: the tiny decoder for live frames when loaded, else the full VAE.
-        image, decoder_used = self.decode(latents, request.decoder)
-        _sync(device)
-        end = time.perf_counter()
-        timings = Timings(
-            text_ms=(text_done - start) * 1e3, denoise_ms=(denoise_done - text_done) * 1e3,
-            decode_ms=(end - denoise_done) * 1e3, total_ms=(end - start) * 1e3, unet_steps=steps_done,
-            text_cached=cached,
-        )  # fmt: skip
-        return Result(image, self.params_for(request, strength, decoder_used), timings, latents, warnings)
 
     def params_for(self, request: Request, strength: float, decoder: str) -> dict:
         """The parameters that exactly reproduce an image (with the same model and software)."""

@@ -1,9 +1,12 @@
-"""The live loop: per-session newest-wins slots served in turn by one worker thread that owns the engine.
+"""The live loop: newest-wins slots, continuously batched into shared UNet calls by one worker thread.
 
 Every input change becomes a Request for a slot (a browser session's tab). A slot holds only its newest job: an
-older pending job is dropped unrun, and a running job of the same slot is told to stop. Slots take turns, so one
-user's webcam stream or fast typing cannot starve another user. The loop also remembers each slot's last preview,
-so that once input is still it can decode it again with the full VAE (`settle`).
+older pending job is dropped unrun, and a running one leaves at the next step boundary (at once, mid-step, when
+every row of its batch is stale). At each step boundary the worker drops rows that finished or were superseded,
+admits pending rows that fit the running batch (same model and size, up to `max_batch`) and runs one UNet call
+for all of them: a new keystroke waits one step, never a whole batch. Batches of other sizes take turns at step
+boundaries, and whoever has been served the fewest pixel-steps goes first (`fair.FairShare`).
+The loop also keeps each slot's last preview, to decode it again with the full VAE once input is still (`settle`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
-from .request import MAX_STEPS, GenerationStopped, Request, RequestRefused, Result, checked
+from .fair import FairShare
+from .request import MAX_STEPS, Request, RequestRefused, Result, checked
 
 
 SUPERSEDED = "superseded"  # what a dropped or stopped job's future resolves to
+DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 16, "mps": 4}  # rows per UNet call; see docs/benchmarks.md
 
 
 def _resolve(future: Future, value=None, error: BaseException | None = None) -> None:
@@ -61,20 +66,33 @@ class Settle:
     params: dict
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     slot: str
-    requests: tuple[Request, ...] | Settle  # several requests: one result each (the step sweep)
+    requests: tuple[Request, ...] | Settle  # several requests: one result each (the step sweep), batched together
     seq: int = 0
     address: str | None = None
     submitted: float = field(default_factory=time.perf_counter)
     future: Future = field(default_factory=Future)
     stop: threading.Event = field(default_factory=threading.Event)
     started: float | None = None
+    engine: Any = None  # the engine its rows run on (a model switch lets running rows finish on the old one)
+    group: tuple = ()  # rows of jobs with equal groups share UNet calls: (engine, width, height)
+    rows: list = field(default_factory=list)
+    results: list = field(default_factory=list)
 
     def should_stop(self) -> bool:
         """True once a newer job took this slot, or the waiter left."""
         return self.stop.is_set() or self.future.cancelled()
+
+    @property
+    def session(self) -> str:
+        return session_of(self.slot)
+
+    @property
+    def finishing(self) -> bool:
+        """Every unfinished row is in its last step: let it end (its image is nearly done)."""
+        return bool(self.rows) and all(row.done or row.last_step for row in self.rows)
 
 
 @dataclass
@@ -93,18 +111,24 @@ class LoopStats:
     dropped: int = 0  # jobs superseded before they started
     stopped: int = 0  # jobs superseded while running
     failed: int = 0
+    unet_calls: int = 0
+    rows_stepped: int = 0  # rows over all UNet calls: rows_stepped / unet_calls is the mean batch
+    aborted_steps: int = 0  # steps abandoned mid-call because every row in them was stale
 
 
 class LiveLoop:
-    """One worker thread, one engine, newest-wins slots served in turn."""
+    """One worker thread, one engine, newest-wins slots batched into shared denoising steps."""
 
-    def __init__(self, engine, limits: Limits | None = None):
+    def __init__(self, engine, limits: Limits | None = None, max_batch: int | None = None):
         self.engine = engine
         self.limits = limits or Limits()
+        self.max_batch = max_batch or default_max_batch(engine)
         self.stats = LoopStats()
         self._pending: OrderedDict[str, Job] = OrderedDict()  # slot -> newest job not yet started
-        self._running: Job | None = None
+        self._active: list[Job] = []  # admitted jobs whose rows are in flight
+        self._fair = FairShare()
         self._seq: dict[str, int] = {}
+        self._delivered: dict[str, int] = {}  # slot -> seq of the newest job whose result went out
         self._order: dict[str, float] = {}  # slot -> send time of its newest job, when the caller knows it
         self._previews: dict[str, tuple[int, Any, dict]] = {}  # slot -> (seq, latents, params) of its last preview
         self._touched: dict[str, float] = {}  # slot -> when it last submitted (its bookkeeping expires)
@@ -126,11 +150,12 @@ class LiveLoop:
             requests = (requests,)
         elif not isinstance(requests, Settle):
             requests = tuple(requests)
+            if not requests:
+                raise ValueError("Nothing to generate: no requests were given.")
         with self._cond:
             if self._closed:
                 raise RuntimeError("the live loop is closed")
-            if not isinstance(requests, Settle):
-                self._admit(slot, requests, address)
+            self._admit(slot, requests, address)
             now = time.perf_counter()
             self._expire(now)
             self._touched[slot] = now
@@ -148,26 +173,32 @@ class LiveLoop:
             if older is not None:
                 self.stats.dropped += 1
                 _resolve(older.future, SUPERSEDED)
-            if self._running is not None and self._running.slot == slot:
-                self._running.stop.set()
-            self._pending[slot] = job  # to the back of the round-robin order
+            for running in self._active:
+                if running.slot == slot:
+                    running.stop.set()
+            self._pending[slot] = job
             self._cond.notify_all()
         return job
 
-    def _admit(self, slot: str, requests: tuple[Request, ...], address: str | None) -> None:
+    def _admit(self, slot: str, requests, address: str | None) -> None:
         """Raise unless `requests` fit the limits: each within the cost cap, the visitor within its job caps."""
-        cap = self.limits.cost_cap(self.engine.native_size)
+        if isinstance(requests, Settle):
+            return
+        native = self.engine.native_size
+        cap = self.limits.cost_cap(native)
         for request in requests:
-            request, _ = checked(request, self.engine.native_size)
+            request, _ = checked(request, native)
             if request.cost() > cap:
                 raise RequestRefused(
                     f"{request.width}x{request.height} at {request.unet_steps} steps is more than this server runs "
                     f"for one request (at most {cap:,} pixel-steps, e.g. {_side(cap)}x{_side(cap)} at "
                     f"{MAX_STEPS} steps). Use a smaller size or fewer steps."
                 )
+        if len({checked(r, native)[0].pixel_size for r in requests}) > 1:
+            raise ValueError("The requests of one job must share one image size.")
         session = session_of(slot)
-        live = [job for job in (*self._pending.values(), self._running) if job is not None and job.slot != slot]
-        if sum(session_of(job.slot) == session for job in live) >= self.limits.session_jobs:
+        live = [job for job in (*self._pending.values(), *self._active) if job.slot != slot and not job.should_stop()]
+        if sum(job.session == session for job in live) >= self.limits.session_jobs:
             raise RequestRefused(
                 f"Too many requests at once from this session (at most {self.limits.session_jobs}); "
                 "wait for one to finish."
@@ -181,19 +212,24 @@ class LiveLoop:
     def _expire(self, now: float) -> None:
         """Drop the bookkeeping of slots silent for `idle_forget_s` (sessions that left without saying so)."""
         horizon = now - self.limits.idle_forget_s
-        for slot in [s for s, t in self._touched.items() if t < horizon]:
-            if slot in self._pending or (self._running is not None and self._running.slot == slot):
-                continue
-            for table in (self._seq, self._order, self._previews, self._touched):
-                table.pop(slot, None)
+        busy = {job.slot for job in (*self._pending.values(), *self._active)}
+        for slot in [s for s, t in self._touched.items() if t < horizon and s not in busy]:
+            self._drop_tables(slot)
+
+    def _drop_tables(self, slot: str) -> None:
+        for table in (self._seq, self._order, self._previews, self._touched, self._delivered):
+            table.pop(slot, None)
+        session = session_of(slot)
+        if not any(session_of(s) == session for s in self._touched):
+            self._fair.forget([session])
 
     async def run(self, slot: str, requests, order: float | None = None, address: str | None = None) -> Outcome | str:
         """Submit and wait without blocking the event loop; an Outcome, or SUPERSEDED."""
         job = self.submit(slot, requests, order, address)
         return await asyncio.wrap_future(job.future)
 
-    def run_sync(self, slot: str, requests, timeout: float | None = None) -> Outcome | str:
-        return self.submit(slot, requests).future.result(timeout)
+    def run_sync(self, slot: str, requests, timeout: float | None = None, address: str | None = None):
+        return self.submit(slot, requests, address=address).future.result(timeout)
 
     async def settle(self, slot: str) -> Outcome | str | None:
         """The slot's last preview decoded with the full VAE; None when there is none or newer input came."""
@@ -214,92 +250,188 @@ class LiveLoop:
             return self._seq.get(slot, 0)
 
     def forget(self, slot_prefix: str) -> None:
-        """Drop the pending jobs and bookkeeping of a session that left."""
+        """Drop the pending jobs and bookkeeping of a session that left; its running rows leave at the next step."""
         with self._cond:
             for slot in [s for s in self._pending if s.startswith(slot_prefix)]:
                 _resolve(self._pending.pop(slot).future, SUPERSEDED)
                 self.stats.dropped += 1
-            for table in (self._seq, self._order, self._previews, self._touched):
-                for slot in [s for s in table if s.startswith(slot_prefix)]:
-                    del table[slot]
-            if self._running is not None and self._running.slot.startswith(slot_prefix):
-                self._running.stop.set()
+            for job in self._active:
+                if job.slot.startswith(slot_prefix):
+                    job.stop.set()
+            for slot in [s for s in self._touched if s.startswith(slot_prefix)]:
+                self._drop_tables(slot)
 
     def swap_engine(self, engine) -> None:
-        """Serve later jobs with `engine` (the running job finishes on the old one)."""
+        """Serve later jobs with `engine` (rows already running finish on the old one)."""
         with self._cond:
             self.engine = engine
             self._previews.clear()  # latents of another model
 
+    def tables_size(self) -> int:
+        """Entries in the per-slot and per-visitor bookkeeping (tests check it does not grow forever)."""
+        with self._cond:
+            tables = (self._seq, self._order, self._previews, self._touched, self._delivered)
+            return sum(map(len, tables)) + len(self._fair)
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            for job in self._pending.values():
+            for job in [*self._pending.values(), *self._active]:
                 _resolve(job.future, SUPERSEDED)
+                job.stop.set()
             self._pending.clear()
-            if self._running is not None:
-                self._running.stop.set()
             self._cond.notify_all()
         self._worker.join(timeout=30)
 
     # ------------------------------------------------------------------ serving
-    def _next_job(self):
-        """The next job to run and the engine to run it on, in round-robin order; None once closed."""
-        with self._cond:
-            while True:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return None
-                _, job = self._pending.popitem(last=False)  # the slot that waited longest
-                if job.future.cancelled():  # its waiter left: never run it
-                    self.stats.dropped += 1
-                    continue
-                job.started = time.perf_counter()
-                self._running = job
-                return job, self.engine
-
-    def tables_size(self) -> int:
-        """Entries in the per-slot bookkeeping (for tests that check it does not grow forever)."""
-        with self._cond:
-            return sum(map(len, (self._seq, self._order, self._previews, self._touched)))
-
-    @staticmethod
-    def _work(job: Job, engine):
-        if isinstance(job.requests, Settle):
-            return engine.refine(job.requests.latents, job.requests.params)
-        results = [engine.generate(request, job.should_stop) for request in job.requests]
-        return results[0] if len(results) == 1 else results
-
     def _serve(self) -> None:
         while True:
-            picked = self._next_job()
-            if picked is None:
+            admitted = self._admit_pending()
+            if admitted is None:
                 return
-            job, engine = picked
-            try:
-                result = self._work(job, engine)
-                done = time.perf_counter()
-                value, error = Outcome(result, (done - job.submitted) * 1e3, (done - job.started) * 1e3, job.seq), None
-                self.stats.ran += 1
-            except GenerationStopped:
-                value, error = SUPERSEDED, None
-                self.stats.stopped += 1
-            except Exception as failure:  # the job's caller gets the error; the loop keeps serving
-                value, error = None, failure
-                self.stats.failed += 1
-            with self._cond:
-                self._running = None
-                if isinstance(value, Outcome) and isinstance(value.result, Result):
-                    self._remember_preview(job, value.result, engine)
-            _resolve(job.future, value, error)
+            for job in admitted:
+                self._start(job)
+            group = self._pick_group()
+            if group:
+                self._step(group)
 
-    def _remember_preview(self, job: Job, result: Result, engine) -> None:
+    def _admit_pending(self) -> list[Job] | None:
+        """Wait for work; drop stale jobs; move pending jobs that fit into the running set. None once closed."""
+        with self._cond:
+            while not self._pending and not self._active and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            for job in [j for j in self._active if j.should_stop() and not j.finishing]:
+                self._active.remove(job)
+                self.stats.stopped += 1
+                _resolve(job.future, SUPERSEDED)
+            for slot in [s for s, j in self._pending.items() if j.future.cancelled()]:  # its waiter left
+                del self._pending[slot]
+                self.stats.dropped += 1
+            rows_in: dict[tuple, int] = {}  # group -> rows in flight
+            for job in self._active:
+                rows_in[job.group] = rows_in.get(job.group, 0) + sum(not row.done for row in job.rows)
+            admitted = []
+            for job in sorted(self._pending.values(), key=lambda j: (*self._fair.priority(j.session, j.address),
+                                                                     j.submitted)):  # fmt: skip
+                group, size = _group_of(job, self.engine)
+                used = rows_in.get(group, 0)
+                if used and used + size > self.max_batch:
+                    continue  # its batch is full: it joins when a row leaves
+                rows_in[group] = used + size
+                del self._pending[job.slot]
+                job.started, job.engine, job.group = time.perf_counter(), self.engine, group
+                self._active.append(job)
+                admitted.append(job)
+            self._fair.settle_floor([(j.session, j.address) for j in (*self._pending.values(), *self._active)])
+            return admitted
+
+    def _start(self, job: Job) -> None:
+        """Make the job's rows (text encoding, initial latents); a settle job runs its decode now."""
+        try:
+            if isinstance(job.requests, Settle):
+                self._complete(job, job.engine.refine(job.requests.latents, job.requests.params))
+                return
+            job.rows = [job.engine.start(request) for request in job.requests]
+            job.results = [None] * len(job.rows)
+        except Exception as error:  # a bad request, or a failure: its caller hears; the loop keeps serving
+            self._fail([job], error)
+
+    def _pick_group(self) -> list[tuple[Job, Any]]:
+        """The (job, row) pairs to step next: the batch holding the least-served visitor."""
+        with self._cond:
+            groups: dict[tuple, list[tuple[Job, Any]]] = {}
+            for job in self._active:
+                for row in job.rows:
+                    if not row.done:
+                        groups.setdefault(job.group, []).append((job, row))
+        if not groups:
+            return []
+        return min(groups.values(), key=lambda pairs: min(self._fair.priority(j.session, j.address) for j, _ in pairs))
+
+    def _step(self, pairs: list[tuple[Job, Any]]) -> None:
+        """One UNet call for the group's rows; then decode rows that finished and complete their jobs."""
+        jobs = list(dict.fromkeys(job for job, _ in pairs))
+        engine, rows = jobs[0].engine, [row for _, row in pairs]
+
+        def all_stale() -> bool:
+            return all(job.should_stop() and not job.finishing for job in jobs)
+
+        try:
+            stepped = engine.step(rows, all_stale)
+        except Exception as error:
+            self._fail(jobs, error)
+            return
+        if not stepped:
+            self.stats.aborted_steps += 1
+            return
+        self.stats.unet_calls += 1
+        self.stats.rows_stepped += len(rows)
+        for job, row in pairs:
+            self._fair.charge(job.session, job.address, row.pixels)
+        finished = [(job, row) for job, row in pairs if row.done]
+        if not finished:
+            return
+        try:
+            results = engine.finish([row for _, row in finished])
+        except Exception as error:
+            self._fail(list(dict.fromkeys(job for job, _ in finished)), error)
+            return
+        for (job, row), result in zip(finished, results):
+            job.results[job.rows.index(row)] = result
+        for job in dict.fromkeys(job for job, _ in finished):
+            if all(row.done for row in job.rows):
+                errors = [r for r in job.results if isinstance(r, Exception)]
+                if errors:
+                    self._fail([job], errors[0])
+                else:
+                    self._complete(job, job.results[0] if len(job.results) == 1 else list(job.results))
+
+    def _complete(self, job: Job, result) -> None:
+        done = time.perf_counter()
+        with self._cond:
+            if job in self._active:
+                self._active.remove(job)
+            if self._delivered.get(job.slot, 0) > job.seq:  # a newer result already went out: never go back
+                self.stats.stopped += 1
+                _resolve(job.future, SUPERSEDED)
+                return
+            self._delivered[job.slot] = job.seq
+            self.stats.ran += 1
+            if isinstance(result, Result):
+                self._remember_preview(job, result)
+            self._cond.notify_all()
+        _resolve(job.future, Outcome(result, (done - job.submitted) * 1e3, (done - job.started) * 1e3, job.seq))
+
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        with self._cond:
+            for job in jobs:
+                if job in self._active:
+                    self._active.remove(job)
+                self.stats.failed += 1
+                _resolve(job.future, error=error)
+
+    def _remember_preview(self, job: Job, result: Result) -> None:
         """Keep a fast-decoded result's latents, for the full-VAE decode once the slot's input is still."""
-        if result.params.get("decoder") == "tiny" and result.latents is not None and engine is self.engine:
+        if result.params.get("decoder") == "tiny" and result.latents is not None and job.engine is self.engine:
             self._previews[job.slot] = (job.seq, result.latents, result.params)
         else:
             self._previews.pop(job.slot, None)
+
+
+def _group_of(job: Job, engine) -> tuple[tuple, int]:
+    """The batch a job's rows join, (engine, sizes), and how many rows it brings; rows of one group share UNet calls."""
+    if isinstance(job.requests, Settle):
+        return (id(engine), "settle"), 0
+    sizes = sorted({checked(request, engine.native_size)[0].pixel_size for request in job.requests})
+    return (id(engine), *sizes), len(job.requests)
+
+
+def default_max_batch(engine) -> int:
+    """Rows per UNet call for the engine's device (measured: docs/benchmarks.md)."""
+    device = getattr(getattr(engine, "runtime", None), "device", "cpu")
+    return DEFAULT_MAX_BATCH.get(device.split(":")[0], 8)
 
 
 def _side(pixel_steps: int) -> int:

@@ -65,6 +65,11 @@ class Request:
             return int(self.steps)
         return max(1, min(int(self.steps), int(self.steps * effective_strength(self))))
 
+    @property
+    def pixel_size(self) -> tuple[int, int]:
+        """(width, height) of a checked request."""
+        return int(self.width or 0), int(self.height or 0)
+
     def cost(self) -> int:
         """What a request costs the service: pixels x UNet steps (call on a checked request)."""
         return int(self.width or 0) * int(self.height or 0) * self.unet_steps

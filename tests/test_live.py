@@ -173,6 +173,109 @@ def test_bookkeeping_of_silent_slots_expires():
             loop.run_sync(f"session{i}:txt2img", generate(f"p{i}", steps=1), timeout=5)
         time.sleep(0.1)
         loop.run_sync("last:txt2img", generate("last", steps=1), timeout=5)
-        assert loop.tables_size() <= 2  # the last slot's own entries only
+        assert loop.tables_size() <= 4  # the last slot's own: sequence, last seen, last delivered, its fair share
+    finally:
+        loop.close()
+
+
+# ---------------------------------------------------------------------------------------------- continuous batching
+def _call_with(engine: FakeEngine, prompt: str) -> int:
+    return next(i for i, call in enumerate(engine.calls) if prompt in call)
+
+
+def test_a_new_request_joins_the_running_batch_at_the_next_step():
+    engine = FakeEngine(step_s=0.03)
+    loop = LiveLoop(engine, max_batch=8)
+    try:
+        first = loop.submit("a:t", generate("first", steps=8))
+        time.sleep(0.07)  # ~2 steps in
+        second = loop.submit("b:t", generate("second", steps=4))
+        assert second.future.result(timeout=5).result.timings.batch == 2
+        assert first.future.result(timeout=5).result.params["prompt"] == "first"
+        joined = _call_with(engine, "second")
+        assert "first" in engine.calls[joined]  # one UNet call for both
+        assert joined <= 3  # it waited for the step in progress, not for the first request's 8 steps
+    finally:
+        loop.close()
+
+
+def test_a_superseded_row_leaves_at_the_next_boundary_and_its_slots_newer_request_joins():
+    engine = FakeEngine(step_s=0.03)
+    loop = LiveLoop(engine, max_batch=8)
+    try:
+        other = loop.submit("b:t", generate("other", steps=8))
+        old = loop.submit("a:t", generate("old", steps=8))
+        time.sleep(0.07)
+        new = loop.submit("a:t", generate("new", steps=2))
+        assert old.future.result(timeout=5) == SUPERSEDED
+        assert new.future.result(timeout=5).result.params["prompt"] == "new"
+        assert other.future.result(timeout=5).result.timings.unet_steps == 8
+        old_calls = [i for i, call in enumerate(engine.calls) if "old" in call]
+        assert len(old_calls) <= 4 and "old" not in engine.calls[_call_with(engine, "new")]
+        assert loop.stats.stopped == 1
+    finally:
+        loop.close()
+
+
+def test_a_full_batch_makes_a_newcomer_wait_for_a_row_to_leave_not_for_the_batch():
+    engine = FakeEngine(step_s=0.02)
+    loop = LiveLoop(engine, max_batch=2)
+    try:
+        short = loop.submit("a:t", generate("short", steps=2))
+        long = loop.submit("b:t", generate("long", steps=8))
+        time.sleep(0.01)
+        late = loop.submit("c:t", generate("late", steps=2))
+        late.future.result(timeout=5)
+        assert max(len(call) for call in engine.calls) == 2
+        assert _call_with(engine, "late") == _call_with(engine, "short") + 2  # joined as soon as "short" left
+        long.future.result(timeout=5)
+        short.future.result(timeout=5)
+    finally:
+        loop.close()
+
+
+def test_sizes_that_cannot_share_a_call_take_turns():
+    engine = FakeEngine(step_s=0.01)
+    loop = LiveLoop(engine, max_batch=8, limits=Limits(max_cost=128 * 128 * 8))
+    try:
+        big = loop.submit("a:t", Request(prompt="big", steps=8, width=128, height=128))
+        small = loop.submit("b:t", Request(prompt="small", steps=8, width=64, height=64))
+        small.future.result(timeout=5)
+        big.future.result(timeout=5)
+        assert all(len(call) == 1 for call in engine.calls)  # never mixed in one call
+        # The 64x64 rows cost a quarter of the 128x128 ones per step: it got its 8 steps in while the big one
+        # was still running, not after all of the big one's.
+        assert _call_with(engine, "small") < 3
+        last_small = max(i for i, call in enumerate(engine.calls) if "small" in call)
+        big_before = sum("big" in call for call in engine.calls[: last_small + 1])
+        assert big_before <= 4
+    finally:
+        loop.close()
+
+
+def test_a_step_whose_rows_are_all_stale_is_abandoned_mid_call():
+    engine = FakeEngine(step_s=0.4, slices=40)
+    loop = LiveLoop(engine, max_batch=8)
+    try:
+        old = loop.submit("a:t", generate("old", steps=4))
+        time.sleep(0.1)  # a quarter into its first step
+        started = time.perf_counter()
+        new = loop.submit("a:t", generate("new", steps=1))
+        assert old.future.result(timeout=5) == SUPERSEDED
+        new.future.result(timeout=5)
+        assert time.perf_counter() - started < 0.4 + 0.3  # the new one's step, not the rest of the old one's too
+        assert loop.stats.aborted_steps == 1
+        assert engine.calls == [["new"]]
+    finally:
+        loop.close()
+
+
+def test_a_sweep_runs_as_one_batch_and_returns_one_result_per_request():
+    engine = FakeEngine(step_s=0.01)
+    loop = LiveLoop(engine, max_batch=8)
+    try:
+        outcome = loop.run_sync("a:sweep", [generate("sweep", steps=n) for n in range(1, 9)], timeout=5)
+        assert [r.params["steps"] for r in outcome.result] == list(range(1, 9))
+        assert len(engine.calls) == 8 and len(engine.calls[0]) == 8  # the 1-step row left after the first call
     finally:
         loop.close()

@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass, field
 
 from ..live import SUPERSEDED, LiveLoop
-from ..request import GenerationStopped, Request, Result, Timings
+from ..request import Request
 from .core import PROMPT
+from .sim import SimulatedEngine, pause
 
 
 # ---------------------------------------------------------------------- traces
@@ -51,40 +52,9 @@ def split_bursts(events: list[tuple[float, str]], gap_s: float) -> list[list[int
 
 
 # ---------------------------------------------------------------------- engines
-class CalibratedEngine:
-    """A stand-in engine: each UNet step takes `step_s` in `blocks` slices, then a decode of `decode_s`.
-
-    Like the real engine it checks `should_stop` between slices (UNet blocks), except in the last step.
-    """
-
-    def __init__(self, step_s: float, decode_s: float, blocks: int = 9):
-        self.step_s, self.decode_s, self.blocks = step_s, decode_s, blocks
-        self.block_calls = self.decodes = 0
-        self._lock = threading.Lock()
-
-    def generate(self, request: Request, should_stop=None) -> Result:
-        start = due = time.perf_counter()  # sleep to deadlines: overshoots do not add up
-        for step in range(request.steps):
-            for _ in range(self.blocks):
-                if should_stop is not None and step < request.steps - 1 and should_stop():
-                    raise GenerationStopped(step)
-                due += self.step_s / self.blocks
-                _sleep(due - time.perf_counter())
-                with self._lock:
-                    self.block_calls += 1
-        due += self.decode_s
-        _sleep(due - time.perf_counter())
-        self.decodes += 1
-        return Result(None, {"prompt": request.prompt}, Timings(total_ms=(time.perf_counter() - start) * 1e3))
-
-    @property
-    def steps_spent(self) -> float:
-        return self.block_calls / self.blocks
-
-
-def _sleep(seconds: float) -> None:
-    if seconds > 0:
-        time.sleep(seconds)
+def CalibratedEngine(step_s: float, decode_s: float, blocks: int = 9) -> SimulatedEngine:
+    """A stand-in engine: each UNet step takes `step_s` in `blocks` slices, then a decode of `decode_s`."""
+    return SimulatedEngine(step_s, decode_s, blocks=blocks)
 
 
 class BlockCounter:
@@ -189,7 +159,7 @@ def replay(policy_class, engine, counter, events, scale: float, model_s: float, 
     spent_at: list[tuple[float, float, int]] = []  # (time, steps spent, decodes), sampled at each input
     t0 = time.perf_counter()
     for index, (at, prompt) in enumerate(events):
-        _sleep(t0 + at / scale - time.perf_counter())
+        pause(t0 + at / scale - time.perf_counter())
         spent_at.append((time.perf_counter(), counter.steps_spent, counter.decodes))
         policy.input(index, Request(prompt=prompt, steps=steps, seed=0, width=size, height=size))
     # Wait for the last burst's image (or a generous limit).

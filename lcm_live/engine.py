@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderTiny, AutoPipelineForImage2Image
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
 from .device import Runtime
@@ -66,7 +67,7 @@ class Row:
     scheduler: Any  # this row's own copy: its step index and noise are its own
     timesteps: list  # the timesteps this row runs, in order
     generator: torch.Generator  # seeded per request: its image is the same alone or batched
-    latents: torch.Tensor  # (1, 4, h, w)
+    latents: torch.Tensor | None  # (1, 4, h, w); None until the row's initial latents are made
     text_cached: bool = False
     index: int = 0  # steps done
     batch: int = 1  # the most rows it shared a UNet call with
@@ -94,6 +95,16 @@ class Row:
     @property
     def pixels(self) -> int:
         return self.request.width * self.request.height
+
+
+def _scaled(latents: torch.Tensor, config) -> torch.Tensor:
+    """Encoder output -> the UNet's latent space (as the pipelines scale it)."""
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+        return (latents - mean) * config.scaling_factor / std
+    return config.scaling_factor * latents
 
 
 @functools.cache
@@ -205,41 +216,89 @@ class Engine:
     # ------------------------------------------------------------------ rows
     def start(self, request: Request) -> Row:
         """A row for `request`: checked, text encoded, its own generator, scheduler copy, timesteps and latents."""
-        device, pipe = self.runtime.device, self.txt2img
+        row = self.start_many([request])[0]
+        if isinstance(row, Exception):
+            raise row
+        return row
+
+    def start_many(self, requests: list[Request]) -> list[Row | Exception]:
+        """Rows for several requests (a ValueError in place of a bad one); their input images encode together."""
+        rows: list[Row | Exception] = []
+        for request in requests:
+            try:
+                rows.append(self._new_row(request))
+            except ValueError as error:
+                rows.append(error)
+        ready = [row for row in rows if isinstance(row, Row)]
+        with torch.inference_mode():
+            encoded = self._encode_inputs([row for row in ready if row.request.image is not None])
+            for row in ready:
+                row.latents = self._initial_latents(row, encoded.get(id(row)))
+        return rows
+
+    def _new_row(self, request: Request) -> Row:
+        began = time.perf_counter()
         # 1. Check the request and fill in its defaults.
         request, warnings = self.check(request)
-        began = time.perf_counter()
         # 2. Text embeddings (cached by prompt: a slider move does not re-run the text encoder).
         guided = request.guidance_scale > 1.0
         text, cached, text_warnings = self.encode_text(request.prompt, request.negative_prompt, guided)
+        text_ms = (time.perf_counter() - began) * 1e3
         # 3. This row's own scheduler and timesteps (img2img runs the last int(steps * strength) of them).
         scheduler = copy.deepcopy(self.txt2img.scheduler)
-        scheduler.set_timesteps(request.steps, device=device)
-        generator = torch.Generator("cpu").manual_seed(request.seed)
-        dtype = text["prompt_embeds"].dtype
+        scheduler.set_timesteps(request.steps, device=self.runtime.device)
         strength = effective_strength(request) if request.image is not None else request.strength
-        # 4. Initial latents, exactly as the pipeline's own prepare_latents makes them.
-        with torch.inference_mode(), _swapped(pipe, scheduler=scheduler), _swapped(self.img2img, scheduler=scheduler):
-            if request.image is None:
-                timesteps = scheduler.timesteps
-                latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, request.height, request.width,
-                                               dtype, device, generator)  # fmt: skip  # (1, 4, h, w)
-            else:
-                timesteps, _ = self.img2img.get_timesteps(request.steps, strength, device)
-                init = _fill_crop(request.image.convert("RGB"), request.width, request.height)
-                pixels = self.img2img.image_processor.preprocess(init)  # (1, 3, H, W) in [-1, 1]
-                # A preview decoded by TAESD is also encoded by it: ~15x fewer FLOPs than the full VAE.
-                vae = self.tiny_vae if self._uses_tiny(request.decoder) else self.full_vae
-                with _swapped(self.img2img, vae=vae):
-                    latents = self.img2img.prepare_latents(pixels, timesteps[:1], 1, 1, dtype, device, generator)
-        if self.runtime.channels_last:
-            latents = latents.contiguous()
-        row = Row(request=request, warnings=warnings + text_warnings, strength=strength, text=text,
-                  scheduler=scheduler, timesteps=list(timesteps), generator=generator, latents=latents,
-                  text_cached=cached)  # fmt: skip
-        row.text_ms = (time.perf_counter() - began) * 1e3
-        row.began = began
-        return row
+        if request.image is None:
+            timesteps = scheduler.timesteps
+        else:
+            with _swapped(self.img2img, scheduler=scheduler):  # sets the scheduler's begin index
+                timesteps, _ = self.img2img.get_timesteps(request.steps, strength, self.runtime.device)
+        return Row(request=request, warnings=warnings + text_warnings, strength=strength, text=text,
+                   scheduler=scheduler, timesteps=list(timesteps), generator=torch.Generator("cpu").manual_seed(
+                       request.seed), latents=None, text_cached=cached, text_ms=text_ms, began=began)  # fmt: skip
+
+    def _encode_inputs(self, rows: list[Row]) -> dict[int, torch.Tensor]:
+        """Input images of img2img rows -> their scaled latents (1, 4, h, w), one encoder call per size and VAE.
+
+        Each row samples its latent from its own generator, as the pipeline's prepare_latents does alone.
+        """
+        encoded = {}
+        groups: dict[tuple, list[Row]] = {}
+        for row in rows:
+            groups.setdefault((row.request.pixel_size, self._decoder_for(row)), []).append(row)
+        for (size, decoder), group in groups.items():
+            vae = self.tiny_vae if decoder == "tiny" else self.full_vae
+            processor = self.img2img.image_processor
+            pixels = torch.cat([processor.preprocess(_fill_crop(row.request.image.convert("RGB"), *size))
+                                for row in group])  # fmt: skip  # (N, 3, H, W) in [-1, 1]
+            dtype = group[0].text["prompt_embeds"].dtype
+            upcast = self.family == "sdxl" and getattr(vae.config, "force_upcast", False) and vae.dtype != torch.float32
+            if upcast:  # SDXL's VAE overflows in fp16 (the SDXL pipeline encodes in fp32 too)
+                vae.to(torch.float32)
+            try:
+                output = vae.encode(pixels.to(self.runtime.device, torch.float32 if upcast else dtype))
+            finally:
+                if upcast:
+                    vae.to(dtype)
+            for i, row in enumerate(group):
+                if hasattr(output, "latent_dist"):
+                    latent = DiagonalGaussianDistribution(output.latent_dist.parameters[i : i + 1]).sample(row.generator)
+                else:  # TAESD encodes to the latents themselves
+                    latent = output.latents[i : i + 1]
+                encoded[id(row)] = _scaled(latent.to(dtype), vae.config)
+        return encoded
+
+    def _initial_latents(self, row: Row, encoded: torch.Tensor | None) -> torch.Tensor:
+        """Noise (txt2img) or the encoded input noised to the row's first timestep (img2img), via the pipeline."""
+        dtype, device, pipe = row.text["prompt_embeds"].dtype, self.runtime.device, self.txt2img
+        with _swapped(pipe, scheduler=row.scheduler), _swapped(self.img2img, scheduler=row.scheduler):
+            if encoded is None:
+                latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, row.request.height,
+                                               row.request.width, dtype, device, row.generator)  # fmt: skip
+            else:  # a 4-channel "image" is taken as latents as they are: only the noise is added
+                latents = self.img2img.prepare_latents(encoded, row.timesteps[0].reshape(1), 1, 1, dtype, device,
+                                                       row.generator)  # fmt: skip
+        return latents.contiguous()  # (1, 4, h, w)
 
     def step(self, rows: list[Row], should_abort: Callable[[], bool] | None = None) -> bool:
         """One denoising step for `rows` (same latent size) in one UNet call; False if `should_abort` stopped it.

@@ -289,8 +289,7 @@ class LiveLoop:
             admitted = self._admit_pending()
             if admitted is None:
                 return
-            for job in admitted:
-                self._start(job)
+            self._start(admitted)
             group = self._pick_group()
             if group:
                 self._step(group)
@@ -327,16 +326,31 @@ class LiveLoop:
             self._fair.settle_floor([(j.session, j.address) for j in (*self._pending.values(), *self._active)])
             return admitted
 
-    def _start(self, job: Job) -> None:
-        """Make the job's rows (text encoding, initial latents); a settle job runs its decode now."""
-        try:
+    def _start(self, jobs: list[Job]) -> None:
+        """Make the admitted jobs' rows together (text encoding, input images encoded in one call, initial latents);
+        a settle job runs its decode now."""
+        generating = []
+        for job in jobs:
             if isinstance(job.requests, Settle):
-                self._complete(job, job.engine.refine(job.requests.latents, job.requests.params))
-                return
-            job.rows = [job.engine.start(request) for request in job.requests]
-            job.results = [None] * len(job.rows)
-        except Exception as error:  # a bad request, or a failure: its caller hears; the loop keeps serving
-            self._fail([job], error)
+                try:
+                    self._complete(job, job.engine.refine(job.requests.latents, job.requests.params))
+                except Exception as error:
+                    self._fail([job], error)
+            else:
+                generating.append(job)
+        for engine in dict.fromkeys(job.engine for job in generating):
+            batch = [job for job in generating if job.engine is engine]
+            try:
+                rows = engine.start_many([request for job in batch for request in job.requests])
+            except Exception as error:  # a failure: the callers hear; the loop keeps serving
+                self._fail(batch, error)
+                continue
+            for job in batch:
+                job.rows, rows = rows[: len(job.requests)], rows[len(job.requests) :]
+                job.results = [None] * len(job.rows)
+                errors = [row for row in job.rows if isinstance(row, Exception)]
+                if errors:  # a bad request: its caller hears why
+                    self._fail([job], errors[0])
 
     def _pick_group(self) -> list[tuple[Job, Any]]:
         """The (job, row) pairs to step next: the batch holding the least-served visitor."""

@@ -68,7 +68,7 @@ def test_one_sdxl_request_matches_the_diffusers_pipeline(sdxl_engine, case):
 
 def _batched(engine: Engine, requests: list[Request]) -> list[torch.Tensor]:
     """All requests started together, stepped in shared UNet calls until each is done."""
-    rows = [engine.start(r) for r in requests]
+    rows = engine.start_many(requests)  # input images encoded in one call
     batch_sizes = []
     while active := [row for row in rows if not row.done]:
         batch_sizes.append(len(active))
@@ -92,7 +92,9 @@ def test_rows_of_a_batch_match_themselves_alone(sd15_engine):
 
 
 def test_sdxl_rows_of_a_batch_match_themselves_alone(sdxl_engine):
-    requests = [Request(prompt="one", seed=1), Request(prompt="two", seed=2, guidance_scale=1.5, steps=2)]
+    requests = [Request(prompt="one", seed=1), Request(prompt="two", seed=2, guidance_scale=1.5, steps=2),
+                Request(prompt="three", image=_gradient(64, 64, 3), strength=0.5, seed=3),
+                Request(prompt="four", image=_gradient(64, 64, 4), strength=1.0, seed=4, steps=2)]
     for request, latents in zip(requests, _batched(sdxl_engine, requests)):
         torch.testing.assert_close(latents, _alone(sdxl_engine, request), rtol=1e-4, atol=1e-4)
 

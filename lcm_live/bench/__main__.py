@@ -1,4 +1,4 @@
-"""python -m lcm_live.bench {engine,compare,live,table,sweep} [--smoke] [--out DIR]: see docs/benchmarks.md."""
+"""python -m lcm_live.bench {engine,compare,live,table,sweep,serve} [--smoke] [--out DIR]: see docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -262,6 +262,60 @@ def cmd_sweep(args) -> dict:
                                      image=str(out / "sweep.png")), markdown)  # fmt: skip
 
 
+# ---------------------------------------------------------------------- serve
+def cmd_serve(args) -> dict:
+    from functools import partial
+
+    from . import live, serve
+
+    engine = core.make_engine(args.arch, _runtime(args), taesd=args.arch not in ("embedded", SMOKE_ARCH))
+    counts = [int(n) for n in args.streams.split(",")]
+    modes = [("on", args.max_batch), ("off", 1)]
+    stream_rows = []
+    for count in counts:
+        for mode, max_batch in modes:  # on and off back to back: the same machine load
+            row = serve.streams(engine, count, args.seconds, max_batch, args.frame_interval, warmup_s=args.warmup)
+            stream_rows.append(dict(batching=mode, **row))
+            print(f"streams {count} batching {mode}: {row}", flush=True)
+    typing_rows = []
+    for mode, max_batch in modes:
+        row = serve.typists(engine, args.typists, max_batch, text=serve.TYPED[: 8 if args.smoke else 28])
+        typing_rows.append(dict(batching=mode, **row))
+        print(f"typists batching {mode}: {row}", flush=True)
+    model_s = serve.model_time(engine)
+    alone_rows = []
+    events = live.typed(core.PROMPT[: 12 if args.smoke else 40], 8)
+    for mode, max_batch in modes:
+        policy = partial(live.LiveLoopPolicy, max_batch=max_batch)
+        policy.name = f"LiveLoop, batching {mode}"
+        counter = live.BlockCounter(engine)
+        row = live.replay(policy, engine, counter, events, 1.0, model_s, 4, gap_s=model_s)
+        counter.remove()
+        alone_rows.append(dict(batching=mode, T_s=round(model_s, 4), **row))
+    one = {r["batching"]: r["fps"] for r in stream_rows if r["streams"] == counts[0]}
+    header = ["streams", "batching", "frames/s (all)", f"x {counts[0]} stream(s)", "per session min / max",
+              "latency p50 / p95 (ms)", "mean batch"]  # fmt: skip
+    body = [[r["streams"], r["batching"], r["fps"], round(r["fps"] / one[r["batching"]], 2) if one.get(r["batching"])
+             else "", f"{r['fps_min']} / {r['fps_max']}", f"{r['latency_p50_ms']} / {r['latency_p95_ms']}",
+             r["mean_batch"]] for r in stream_rows]  # fmt: skip
+    typing_header = ["typists + webcam", "batching", "last key -> final image p50 / p95 (s)", "max (s)",
+                     "finals correct", "stale shown", "mean batch"]  # fmt: skip
+    typing_body = [[r["typists"], r["batching"], f"{r['latency_p50_s']} / {r['latency_p95_s']}", r["latency_max_s"],
+                    f"{r['finals_correct']}/{r['typists']}", r["stale_shown"], r["mean_batch"]]
+                   for r in typing_rows]  # fmt: skip
+    alone_header = ["one session typing", "batching", "last key -> final image median / p95 (T)", "stale shown"]
+    alone_body = [[f"T = {r['T_s'] * 1e3:.0f} ms", r["batching"], f"{r['latency_T_median']} / {r['latency_T_p95']}",
+                   r["stale_shown"]] for r in alone_rows]  # fmt: skip
+    device = core.device_name(engine.runtime.device)
+    title = f"serve: {engine.spec.name}, {engine.runtime.label}, {device}, max batch {args.max_batch}"
+    markdown = (f"### {title}\n\nWebcam-style streams (img2img, 2 steps at strength 0.5, a frame every "
+                f"{args.frame_interval * 1e3:g} ms, newest kept; {args.seconds:g} s each):\n\n{table(header, body)}\n{table(typing_header, typing_body)}\n"
+                f"{table(alone_header, alone_body)}")  # fmt: skip
+    data = dict(model=engine.spec.name, runtime=engine.runtime.label, device=device, max_batch=args.max_batch,
+                seconds=args.seconds, streams=stream_rows, typists=typing_rows, alone=alone_rows)  # fmt: skip
+    return _save(args, "serve", data, markdown)
+
+
 # ---------------------------------------------------------------------- CLI
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lcm_live.bench", description="lcm-live benchmarks")
@@ -294,6 +348,14 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("table", parents=[common], help="LCM-LoRA 4 steps vs standard 25 steps, batch 1")
     t.add_argument("--arch", default="sdxl", choices=archs)
     t.add_argument("--standard-steps", type=int, default=25)
+    sv = sub.add_parser("serve", parents=[common], help="many sessions on one engine: batching on vs off")
+    sv.add_argument("--arch", default="embedded", choices=archs)
+    sv.add_argument("--streams", default="1,2,4,8,16", help="numbers of webcam-style streams")
+    sv.add_argument("--seconds", type=float, default=6.0, help="measured seconds per stream case")
+    sv.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring, per case")
+    sv.add_argument("--frame-interval", type=float, default=0.02, help="seconds between a stream's frames")
+    sv.add_argument("--typists", type=int, default=20)
+    sv.add_argument("--max-batch", type=int, default=8, help="rows per UNet call with batching on")
     s = sub.add_parser("sweep", parents=[common], help="1..8 steps, seed 1337, as one grid image")
     s.add_argument("--prompt", default=None)
     return p
@@ -312,9 +374,11 @@ def main(argv=None) -> dict:
                 setattr(args, name, value)
         if args.command == "live":
             args.step_ms, args.decode_ms = 100.0, 20.0
+        if args.command == "serve":
+            args.streams, args.seconds, args.warmup, args.typists = "1,2", 1.0, 0.3, 2
     with core.threads(args.threads), torch.inference_mode(False):
         return {"engine": cmd_engine, "compare": cmd_compare, "live": cmd_live, "table": cmd_table,
-                "sweep": cmd_sweep}[args.command](args)  # fmt: skip
+                "sweep": cmd_sweep, "serve": cmd_serve}[args.command](args)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -64,11 +64,14 @@ class BlockCounter:
         unet = engine.txt2img.unet
         blocks = [b for b in [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if b is not None]
         self.blocks, self.calls, self.decodes = len(blocks), 0, 0
-        for block in blocks:
-            block.register_forward_pre_hook(self._count)
+        self._hooks = [block.register_forward_pre_hook(self._count) for block in blocks]
         for vae in (engine.full_vae, engine.tiny_vae):
             if vae is not None:
-                vae.decoder.register_forward_pre_hook(self._count_decode)
+                self._hooks.append(vae.decoder.register_forward_pre_hook(self._count_decode))
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
 
     def _count(self, module, args):
         self.calls += 1
@@ -95,8 +98,8 @@ class Shown:
 class LiveLoopPolicy:
     name = "LiveLoop"
 
-    def __init__(self, engine, shown: Shown):
-        self.loop, self.shown = LiveLoop(engine), shown
+    def __init__(self, engine, shown: Shown, max_batch: int | None = None):
+        self.loop, self.shown = LiveLoop(engine, max_batch=max_batch), shown
 
     def input(self, index: int, request: Request) -> None:
         job = self.loop.submit("bench", request)

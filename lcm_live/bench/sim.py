@@ -54,6 +54,15 @@ class SimulatedEngine:
         self.started.append(request.prompt)
         return SimRow(request, request.unet_steps, warnings=warnings)
 
+    def start_many(self, requests: list[Request]) -> list[SimRow | Exception]:
+        rows = []
+        for request in requests:
+            try:
+                rows.append(self.start(request))
+            except Exception as error:
+                rows.append(error)
+        return rows
+
     def step(self, rows: list[SimRow], should_abort=None) -> bool:
         due = time.perf_counter()  # sleep to deadlines: overshoots do not add up
         for _ in range(self.blocks):

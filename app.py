@@ -29,7 +29,7 @@ def build(settings: Settings):
                            auto_dtype=settings.dtype == "auto", compile=settings.compile)  # fmt: skip
     # Up in about a second on the embedded model, whatever the network does.
     loop = LiveLoop(manager.load_now(PRESETS["demo"], compile=settings.compile and wanted.is_embedded),
-                    Limits(max_cost=settings.max_cost))  # fmt: skip
+                    Limits(max_cost=settings.max_cost), max_batch=settings.max_batch)  # fmt: skip
     manager.attach(loop)
     if not wanted.is_embedded:
         manager.switch(wanted)

@@ -25,6 +25,7 @@ class Settings:
     offline: bool = False  # never contact the hub (same as HF_HUB_OFFLINE=1)
     compile: bool = False  # torch.compile the UNet of the requested model (slow start, faster steps on CUDA)
     max_cost: int | None = None  # pixels x steps one request may cost; None: the model's native size at 8 steps
+    max_batch: int | None = None  # rows per UNet call; None: by device (CPU 8, CUDA 16), 1 turns batching off
 
     @classmethod
     def from_env(cls, environ=os.environ) -> Settings:
@@ -58,6 +59,8 @@ class Settings:
                             help="torch.compile the UNet (compile time is shown on the page)")  # fmt: skip
         parser.add_argument("--max-cost", type=int, default=env.max_cost,
                             help="most pixels x UNet steps one request may cost (default: native size at 8 steps)")  # fmt: skip
+        parser.add_argument("--max-batch", type=int, default=env.max_batch,
+                            help="most requests denoised together in one UNet call (1: no batching)")  # fmt: skip
         return cls(**vars(parser.parse_args(argv)))
 
 

@@ -15,15 +15,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderTiny, AutoPipelineForImage2Image
+from diffusers import AutoencoderTiny, AutoPipelineForImage2Image, LCMScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from .cuda_graphs import GraphCache
 from .device import Runtime
 from .loading import load_pipeline, load_taesd, public_id
 from .presets import ModelSpec
@@ -44,6 +46,8 @@ EMBEDDING_CACHE_SIZE = 64
 
 def _fill_crop(image: Image.Image, width: int, height: int) -> Image.Image:
     """Resize to cover (width, height), then crop the centre."""
+    if image.size == (width, height):
+        return image
     scale = max(width / image.width, height / image.height)
     resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
                            Image.Resampling.LANCZOS)  # fmt: skip
@@ -68,9 +72,12 @@ class Row:
     timesteps: list  # the timesteps this row runs, in order
     generator: torch.Generator  # seeded per request: its image is the same alone or batched
     latents: torch.Tensor | None  # (1, 4, h, w); None until the row's initial latents are made
+    plan: list | None = None  # LCM rows: per step (t, sqrt a, sqrt(1-a), c_out, c_skip, sqrt a_prev, sqrt(1-a_prev))
+    noise: list = field(default_factory=list)  # LCM rows: the noise each step adds, drawn up front from `generator`
     text_cached: bool = False
     index: int = 0  # steps done
     batch: int = 1  # the most rows it shared a UNet call with
+    eager_steps: int = 0  # steps run without a CUDA graph where graphs are on (a shape's first runs)
     text_ms: float = 0.0
     began: float = 0.0
 
@@ -107,6 +114,38 @@ def _scaled(latents: torch.Tensor, config) -> torch.Tensor:
     return config.scaling_factor * latents
 
 
+def _to_pixels(vae, latents: torch.Tensor, original: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode -> (uint8 pixels (N, H, W, 3), finite flags (N,) of latents and pixels), all on the device."""
+    scaled = latents / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None):
+        scaled = scaled + vae.config.shift_factor
+    pixels = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]  # (N, 3, H, W) in [-1, 1]
+    finite = torch.isfinite(original).flatten(1).all(1) & torch.isfinite(pixels).flatten(1).all(1)
+    uint8 = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return uint8, finite
+
+
+def _lcm_plan(scheduler, timesteps: list) -> list[tuple[float, ...]] | None:
+    """Per step of an LCMScheduler row (epsilon prediction, no clipping): the numbers its step uses, from the
+    scheduler itself; None for any other scheduler (it then steps through scheduler.step)."""
+    config = scheduler.config
+    if not isinstance(scheduler, LCMScheduler) or config.prediction_type != "epsilon" or config.thresholding or (
+            config.clip_sample):  # fmt: skip
+        return None
+    alphas, plan = scheduler.alphas_cumprod, []
+    schedule = [int(t) for t in scheduler.timesteps]
+    for t in (int(t) for t in timesteps):
+        following = schedule.index(t) + 1
+        prev = schedule[following] if following < len(schedule) else t
+        last = following == len(schedule)
+        a = float(alphas[t])
+        a_prev = float(alphas[prev]) if prev >= 0 else float(scheduler.final_alpha_cumprod)
+        c_skip, c_out = (float(v) for v in scheduler.get_scalings_for_boundary_condition_discrete(torch.tensor(t)))
+        noise_in = (1.0, 0.0) if last else (a_prev**0.5, (1 - a_prev) ** 0.5)
+        plan.append((float(t), a**0.5, (1 - a) ** 0.5, c_out, c_skip, *noise_in))
+    return plan
+
+
 @functools.cache
 def _step_parameters(scheduler_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(scheduler_class.step).parameters)
@@ -141,6 +180,12 @@ class Engine:
         self.notes: list[str] = []  # things the user should know about this load (shown on the page)
         self.compiled = False  # a compiled UNet stops at step boundaries only (hooks would force recompiles)
         self.step_options: dict = {}  # extra scheduler.step options of the model's recipe (e.g. eta)
+        # Graphs on CUDA; not for LCM-distilled full models, whose guidance embedding is made per call.
+        graphs = runtime.device.startswith("cuda") and pipe.unet.config.time_cond_proj_dim is None
+        self.unet_graphs = GraphCache(self._unet_forward, enabled=graphs)  # one UNet call of a batch
+        self.decode_graphs = GraphCache(self._tiny_decode, enabled=graphs and tiny_vae is not None)  # previews
+        self._time_ids_by_size: dict[tuple[int, int], torch.Tensor] = {}
+        self._zeros_by_shape: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def load(cls, spec: ModelSpec, runtime: Runtime, taesd: bool = False, local_files_only: bool = False,
@@ -165,6 +210,11 @@ class Engine:
             engine.generate(Request(prompt="warm-up", steps=2))
             if compile:
                 engine.notes.append(f"UNet compiled with torch.compile in {time.perf_counter() - start:.0f} s.")
+            if engine.unet_graphs.enabled:
+                if progress:
+                    progress(0.97, "Capturing CUDA graphs")
+                seconds = engine.prepare_graphs()
+                engine.notes.append(f"CUDA graphs captured for {engine.native_size}px batches in {seconds:.1f} s.")
         return engine
 
     # ------------------------------------------------------------------ checks
@@ -233,7 +283,7 @@ class Engine:
         with torch.inference_mode():
             encoded = self._encode_inputs([row for row in ready if row.request.image is not None])
             for row in ready:
-                row.latents = self._initial_latents(row, encoded.get(id(row)))
+                self._initial_latents(row, encoded.get(id(row)))
         return rows
 
     def _new_row(self, request: Request) -> Row:
@@ -244,23 +294,26 @@ class Engine:
         guided = request.guidance_scale > 1.0
         text, cached, text_warnings = self.encode_text(request.prompt, request.negative_prompt, guided)
         text_ms = (time.perf_counter() - began) * 1e3
-        # 3. This row's own scheduler and timesteps (img2img runs the last int(steps * strength) of them).
+        # 3. This row's own scheduler and timesteps (img2img runs the last int(steps * strength) of them). The
+        #    schedule stays on the CPU: nothing in the step loop waits for the GPU to read it.
         scheduler = copy.deepcopy(self.txt2img.scheduler)
-        scheduler.set_timesteps(request.steps, device=self.runtime.device)
+        scheduler.set_timesteps(request.steps, device="cpu")
         strength = effective_strength(request) if request.image is not None else request.strength
         if request.image is None:
             timesteps = scheduler.timesteps
         else:
-            with _swapped(self.img2img, scheduler=scheduler):  # sets the scheduler's begin index
-                timesteps, _ = self.img2img.get_timesteps(request.steps, strength, self.runtime.device)
-        return Row(request=request, warnings=warnings + text_warnings, strength=strength, text=text,
-                   scheduler=scheduler, timesteps=list(timesteps), generator=torch.Generator("cpu").manual_seed(
-                       request.seed), latents=None, text_cached=cached, text_ms=text_ms, began=began)  # fmt: skip
+            with _swapped(self.img2img, scheduler=scheduler):  # also sets the scheduler's begin index
+                timesteps, _ = self.img2img.get_timesteps(request.steps, strength, "cpu")
+        row = Row(request=request, warnings=warnings + text_warnings, strength=strength, text=text,
+                  scheduler=scheduler, timesteps=list(timesteps), generator=torch.Generator("cpu").manual_seed(
+                      request.seed), latents=None, text_cached=cached, text_ms=text_ms, began=began)  # fmt: skip
+        row.plan = _lcm_plan(scheduler, row.timesteps)
+        return row
 
     def _encode_inputs(self, rows: list[Row]) -> dict[int, torch.Tensor]:
         """Input images of img2img rows -> their scaled latents (1, 4, h, w), one encoder call per size and VAE.
 
-        Each row samples its latent from its own generator, as the pipeline's prepare_latents does alone.
+        Each row samples its latent with its own generator, as the pipeline's prepare_latents does alone.
         """
         encoded = {}
         groups: dict[tuple, list[Row]] = {}
@@ -276,65 +329,79 @@ class Engine:
             if upcast:  # SDXL's VAE overflows in fp16 (the SDXL pipeline encodes in fp32 too)
                 vae.to(torch.float32)
             try:
-                output = vae.encode(pixels.to(self.runtime.device, torch.float32 if upcast else dtype))
+                output = vae.encode(self._to_device(pixels).to(torch.float32 if upcast else dtype))
             finally:
                 if upcast:
                     vae.to(dtype)
             for i, row in enumerate(group):
-                if hasattr(output, "latent_dist"):
-                    latent = DiagonalGaussianDistribution(output.latent_dist.parameters[i : i + 1]).sample(row.generator)
+                if hasattr(output, "latent_dist"):  # sample = mean + std * noise, the noise from the row's generator
+                    dist = DiagonalGaussianDistribution(output.latent_dist.parameters[i : i + 1])
+                    noise = randn_tensor(dist.mean.shape, generator=row.generator, dtype=dist.mean.dtype)
+                    latent = dist.mean + dist.std * self._to_device(noise)
                 else:  # TAESD encodes to the latents themselves
                     latent = output.latents[i : i + 1]
                 encoded[id(row)] = _scaled(latent.to(dtype), vae.config)
         return encoded
 
-    def _initial_latents(self, row: Row, encoded: torch.Tensor | None) -> torch.Tensor:
-        """Noise (txt2img) or the encoded input noised to the row's first timestep (img2img), via the pipeline."""
+    def _initial_latents(self, row: Row, encoded: torch.Tensor | None) -> None:
+        """The row's starting latents: noise (txt2img) or its encoded input noised to its first timestep (img2img).
+
+        LCM rows draw every noise they will need now, in the order the pipeline draws it, and send it to the
+        device in one copy; other schedulers go through the pipeline's own prepare_latents.
+        """
         dtype, device, pipe = row.text["prompt_embeds"].dtype, self.runtime.device, self.txt2img
-        with _swapped(pipe, scheduler=row.scheduler), _swapped(self.img2img, scheduler=row.scheduler):
-            if encoded is None:
-                latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, row.request.height,
-                                               row.request.width, dtype, device, row.generator)  # fmt: skip
-            else:  # a 4-channel "image" is taken as latents as they are: only the noise is added
-                latents = self.img2img.prepare_latents(encoded, row.timesteps[0].reshape(1), 1, 1, dtype, device,
-                                                       row.generator)  # fmt: skip
-        return latents.contiguous()  # (1, 4, h, w)
+        shape = (1, pipe.unet.config.in_channels, row.request.height // pipe.vae_scale_factor,
+                 row.request.width // pipe.vae_scale_factor)  # fmt: skip
+        if row.plan is None:
+            with _swapped(pipe, scheduler=row.scheduler), _swapped(self.img2img, scheduler=row.scheduler):
+                if encoded is None:
+                    latents = pipe.prepare_latents(1, shape[1], row.request.height, row.request.width, dtype, device,
+                                                   row.generator)  # fmt: skip
+                else:  # a 4-channel "image" is taken as latents as they are: only the noise is added
+                    latents = self.img2img.prepare_latents(encoded, row.timesteps[0].reshape(1), 1, 1, dtype, device,
+                                                           row.generator)  # fmt: skip
+            row.latents = latents.contiguous()
+            return
+        # first the starting noise, then one per step but the last (LCMScheduler.step adds none in its last)
+        drawn = torch.cat([randn_tensor(shape, generator=row.generator, dtype=dtype) for _ in row.timesteps])
+        drawn = self._to_device(drawn)  # (steps, 4, h, w)
+        row.noise = [drawn[i : i + 1] for i in range(1, len(drawn))]
+        if encoded is None:
+            row.latents = drawn[:1] * row.scheduler.init_noise_sigma
+        else:  # LCMScheduler.add_noise: sqrt(a) x + sqrt(1 - a) noise, with a in the latents' dtype
+            alpha = row.scheduler.alphas_cumprod.to(dtype)[int(row.timesteps[0])]
+            row.latents = float(alpha**0.5) * encoded + float((1 - alpha) ** 0.5) * drawn[:1]
 
     def step(self, rows: list[Row], should_abort: Callable[[], bool] | None = None) -> bool:
         """One denoising step for `rows` (same latent size) in one UNet call; False if `should_abort` stopped it.
 
-        `should_abort()` is asked between UNet blocks (a step can take seconds on a CPU); when it says True the
-        step is abandoned and every row keeps its state from before it.
+        `should_abort()` is asked between UNet blocks on a CPU, where a step can take seconds; when it says True
+        the step is abandoned and every row keeps its state from before it.
         """
-        unet = self.txt2img.unet
-        # 1. The batch: a guided row adds its unconditional half; each entry has its own timestep.
-        samples, timesteps, embeds, pooled, time_ids, guidance = [], [], [], [], [], []
-        for row in rows:
-            t = row.timesteps[row.index]
-            scaled = row.scheduler.scale_model_input(row.latents, t)  # (1, 4, h, w)
-            halves = [("negative_prompt_embeds", "negative_pooled_prompt_embeds")] if row.guided else []
-            for embed_key, pooled_key in [*halves, ("prompt_embeds", "pooled_prompt_embeds")]:
-                samples.append(scaled)
-                timesteps.append(t)
-                embeds.append(row.text[embed_key])
-                if self.family == "sdxl":
-                    pooled.append(row.text[pooled_key])
-                    time_ids.append(self._time_ids(row))
-                guidance.append(row.request.guidance_scale)
-        sample = torch.cat(samples)  # (B, 4, h, w), B = rows + guided rows
-        t_vec = torch.stack([torch.as_tensor(t, device=sample.device) for t in timesteps]).reshape(-1)  # (B,)
-        added = {"text_embeds": torch.cat(pooled), "time_ids": torch.cat(time_ids)} if pooled else None
-        timestep_cond = None
-        if unet.config.time_cond_proj_dim is not None:  # LCM-distilled full models embed w = guidance - 1
-            w = torch.tensor(guidance, device=sample.device) - 1
-            timestep_cond = self.txt2img.get_guidance_scale_embedding(
-                w, embedding_dim=unet.config.time_cond_proj_dim).to(device=sample.device, dtype=sample.dtype)  # fmt: skip
-        # 2. One UNet call for all of them.
-        hooks = self._abort_hooks(should_abort) if should_abort is not None and not self.compiled else []
+        # 1. The batch: every row's conditional entry, then the unconditional entries of guided rows.
+        guided = [row for row in rows if row.guided]
+        entries = [(row, "") for row in rows] + [(row, "negative_") for row in guided]
+        control = self._control(rows)  # (B, 8) on the device: t, guidance and the LCM coefficients per row
+        sample = torch.cat([row.scheduler.scale_model_input(row.latents, row.timesteps[row.index]) if row.plan is None
+                            else row.latents for row in rows])  # fmt: skip  # (B, 4, h, w)
+        t = control[:, 0]
+        if guided:  # slices, not a list index: indexing a GPU tensor with a list would wait for the GPU
+            at = [rows.index(row) for row in guided]
+            sample = torch.cat([sample, *(sample[i : i + 1] for i in at)])  # (E, 4, h, w)
+            t = torch.cat([t, *(t[i : i + 1] for i in at)])  # (E,)
+        inputs = [sample, t, torch.cat([row.text[f"{half}prompt_embeds"] for row, half in entries])]
+        if self.family == "sdxl":
+            inputs.append(torch.cat([row.text[f"{half}pooled_prompt_embeds"] for row, half in entries]))
+            inputs.append(torch.cat([self._time_ids(row) for row, _ in entries]))
+        # 2. One UNet call for all of them (a captured CUDA graph on a GPU).
+        warming = self.unet_graphs.enabled and not self.unet_graphs.is_captured(*inputs)
+        stoppable = should_abort is not None and not self.unet_graphs.enabled and not self.compiled
+        hooks = self._abort_hooks(should_abort) if stoppable else []
         try:
             with torch.inference_mode():
-                noise = unet(sample, t_vec, encoder_hidden_states=torch.cat(embeds), timestep_cond=timestep_cond,
-                             added_cond_kwargs=added, return_dict=False)[0]  # fmt: skip  # (B, 4, h, w)
+                (eps,) = self.unet_graphs(*inputs)  # (E, 4, h, w)
+                # 3. Guidance, then each row's scheduler step (all LCM rows at once).
+                self._update(rows, eps, control)
         except GenerationStopped:
             return False
         except torch.OutOfMemoryError as error:
@@ -343,23 +410,64 @@ class Engine:
         finally:
             for hook in hooks:
                 hook.remove()
-        # 3. Each row steps its own scheduler (classifier-free guidance first for guided rows).
-        entry = 0
-        with torch.inference_mode():
-            for row in rows:
-                if row.guided:
-                    uncond, cond = noise[entry : entry + 1], noise[entry + 1 : entry + 2]
-                    prediction = uncond + row.request.guidance_scale * (cond - uncond)
-                    entry += 2
-                else:
-                    prediction = noise[entry : entry + 1]
-                    entry += 1
-                t = row.timesteps[row.index]
-                row.latents = row.scheduler.step(prediction, t, row.latents, **self._step_kwargs(row),
-                                                 return_dict=False)[0]  # fmt: skip
-                row.index += 1
-                row.batch = max(row.batch, len(rows))
+        for row in rows:
+            row.index += 1
+            row.batch = max(row.batch, len(rows))
+            row.eager_steps += warming
         return True
+
+    def _unet_forward(self, sample, t, embeds, pooled=None, time_ids=None) -> tuple[torch.Tensor]:
+        unet = self.txt2img.unet
+        added = {"text_embeds": pooled, "time_ids": time_ids} if pooled is not None else None
+        timestep_cond = None
+        if unet.config.time_cond_proj_dim is not None:  # LCM-distilled full models embed w = guidance - 1
+            timestep_cond = self.txt2img.get_guidance_scale_embedding(
+                self._w - 1, embedding_dim=unet.config.time_cond_proj_dim).to(sample.dtype)  # fmt: skip
+        return (unet(sample, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond, added_cond_kwargs=added,
+                     return_dict=False)[0],)  # fmt: skip
+
+    def _control(self, rows: list[Row]) -> torch.Tensor:
+        """Per row: timestep, guidance scale and LCM coefficients of its current step, sent in one copy; (B, 8)."""
+        values = []
+        for row in rows:
+            plan = row.plan[row.index] if row.plan is not None else (float(row.timesteps[row.index]),) + (0.0,) * 6
+            values.append((plan[0], row.request.guidance_scale, *plan[1:]))
+        control = self._to_device(torch.tensor(values, dtype=torch.float32))
+        self._w = torch.cat([control[:, 1], *(control[i : i + 1, 1] for i, r in enumerate(rows) if r.guided)])
+        return control
+
+    def _update(self, rows: list[Row], eps: torch.Tensor, control: torch.Tensor) -> None:
+        """Classifier-free guidance, then the scheduler step: vectorised LCMScheduler.step for LCM rows."""
+        count = len(rows)
+        guided_at = {id(row): count + j for j, row in enumerate(r for r in rows if r.guided)}
+        uncond = torch.cat([eps[guided_at.get(id(row), i)].unsqueeze(0) for i, row in enumerate(rows)])
+        cond = eps[:count]
+        g = control[:, 1].view(-1, 1, 1, 1)
+        prediction = (uncond + g * (cond - uncond)).float()  # (B, 4, h, w); unguided rows: cond exactly
+        fast = [i for i, row in enumerate(rows) if row.plan is not None]
+        if fast:
+            picked = (lambda tensor: tensor) if len(fast) == count else (
+                lambda tensor: torch.cat([tensor[i : i + 1] for i in fast]))  # fmt: skip
+            x = torch.cat([rows[i].latents for i in fast]).float()
+            c = picked(control).view(len(fast), 8, 1, 1, 1)  # t, g, sqrt a, sqrt(1-a), c_out, c_skip, prev a, prev 1-a
+            noise = torch.cat([self._noise_for(rows[i]) for i in fast]).float()
+            denoised = c[:, 4] * ((x - c[:, 3] * picked(prediction)) / c[:, 2]) + c[:, 5] * x
+            new = (c[:, 6] * denoised + c[:, 7] * noise).to(rows[fast[0]].latents.dtype)
+            for j, i in enumerate(fast):
+                rows[i].latents = new[j : j + 1]
+        for i, row in enumerate(rows):
+            if row.plan is None:
+                out = row.scheduler.step(prediction[i : i + 1].to(row.latents.dtype), row.timesteps[row.index],
+                                         row.latents, **self._step_kwargs(row), return_dict=False)  # fmt: skip
+                row.latents = out[0]
+
+    def _noise_for(self, row: Row) -> torch.Tensor:
+        if row.index < len(row.noise):
+            return row.noise[row.index]
+        shape = tuple(row.latents.shape)
+        if shape not in self._zeros_by_shape:  # the last step adds no noise (its coefficient is 0 too)
+            self._zeros_by_shape[shape] = torch.zeros(shape, device=row.latents.device, dtype=row.latents.dtype)
+        return self._zeros_by_shape[shape]
 
     def finish(self, rows: list[Row]) -> list[Result]:
         """Decode finished rows together (one call per decoder); a Result each, or GenerationError for NaN."""
@@ -379,7 +487,8 @@ class Engine:
                 denoise_ms = (began - row.began) * 1e3 - row.text_ms
                 timings = Timings(text_ms=row.text_ms, denoise_ms=denoise_ms, decode_ms=decode_ms,
                                   total_ms=row.text_ms + denoise_ms + decode_ms, unet_steps=row.index,
-                                  text_cached=row.text_cached, batch=row.batch)  # fmt: skip
+                                  text_cached=row.text_cached, batch=row.batch,
+                                  warming_up=row.eager_steps > 0)  # fmt: skip
                 params = self.params_for(row.request, row.strength, decoder)
                 results[i] = Result(image, params, timings, row.latents, row.warnings)
         return results
@@ -402,14 +511,22 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers of the step loop
     def _time_ids(self, row: Row) -> torch.Tensor:
-        """SDXL's size conditioning: original size, crop (0, 0), target size; (1, 6)."""
+        """SDXL's size conditioning: original size, crop (0, 0), target size; (1, 6), made once per size."""
         size = (row.request.height, row.request.width)
-        pipe = self.txt2img
-        projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(
-            row.text["pooled_prompt_embeds"].shape[-1])  # fmt: skip
-        ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=row.latents.dtype,
-                                     text_encoder_projection_dim=projection)  # fmt: skip
-        return ids.to(row.latents.device)
+        if size not in self._time_ids_by_size:
+            pipe = self.txt2img
+            projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(
+                row.text["pooled_prompt_embeds"].shape[-1])  # fmt: skip
+            ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=row.latents.dtype,
+                                         text_encoder_projection_dim=projection)  # fmt: skip
+            self._time_ids_by_size[size] = ids.to(self.runtime.device)
+        return self._time_ids_by_size[size]
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the engine's device; on CUDA through pinned memory, without waiting for the GPU."""
+        if not self.runtime.device.startswith("cuda"):
+            return tensor.to(self.runtime.device)
+        return tensor.pin_memory().to(self.runtime.device, non_blocking=True)
 
     def _step_kwargs(self, row: Row) -> dict:
         """What the pipeline passes to scheduler.step: the row's generator, and eta where the scheduler takes one."""
@@ -439,23 +556,34 @@ class Engine:
 
     def _decode(self, latents: torch.Tensor, decoder: str) -> tuple[list[Image.Image], list[bool]]:
         """latents (N, 4, h, w) -> N RGB images, and whether each was finite (latents and pixels)."""
-        vae = self.tiny_vae if decoder == "tiny" else self.full_vae
         with torch.inference_mode():
-            scaled = latents / vae.config.scaling_factor
-            if getattr(vae.config, "shift_factor", None):
-                scaled = scaled + vae.config.shift_factor
-            upcast = decoder == "full" and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-            if upcast:  # SDXL's VAE overflows in fp16
-                vae.to(torch.float32)
-            try:
-                pixels = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]  # (N, 3, H, W) in [-1, 1]
-            finally:
-                if upcast:
-                    vae.to(torch.float16)
-            finite = torch.isfinite(latents).flatten(1).all(1) & torch.isfinite(pixels).flatten(1).all(1)  # (N,)
-            arrays = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)  # (N, H, W, 3)
-            arrays, finite = arrays.cpu().numpy(), finite.cpu().tolist()
-        return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays], finite
+            if decoder == "tiny":
+                pixels, finite = self.decode_graphs(latents)  # (N, H, W, 3) uint8, (N,)
+            else:
+                pixels, finite = self._full_decode(latents)
+            if self.runtime.device.startswith("cuda"):  # one wait for both, through pinned memory
+                host_pixels = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+                host_finite = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
+                host_pixels.copy_(pixels, non_blocking=True)
+                host_finite.copy_(finite, non_blocking=True)
+                torch.cuda.current_stream().synchronize()
+                pixels, finite = host_pixels, host_finite
+            arrays, flags = pixels.cpu().numpy(), finite.cpu().tolist()
+        return [Image.fromarray(np.ascontiguousarray(a)) for a in arrays], flags
+
+    def _tiny_decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _to_pixels(self.tiny_vae, latents, latents)
+
+    def _full_decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.full_vae
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:  # SDXL's VAE overflows in fp16
+            vae.to(torch.float32)
+        try:
+            return _to_pixels(vae, latents.float() if upcast else latents, latents)
+        finally:
+            if upcast:
+                vae.to(torch.float16)
 
     def decode(self, latents: torch.Tensor, decoder: str = "auto") -> tuple[Image.Image, str]:
         """latents (1, 4, h, w) -> RGB image, with the tiny decoder when asked and loaded; (image, decoder used)."""
@@ -471,6 +599,24 @@ class Engine:
         image, decoder = self.decode(latents, "full")
         decode_ms = (time.perf_counter() - start) * 1e3
         return Result(image, {**params, "decoder": decoder}, Timings(decode_ms=decode_ms, total_ms=decode_ms))
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def warm(self, limit: int | None = 1) -> int:
+        """Capture CUDA graphs for shapes that ran eagerly so far (at most `limit` of each kind); how many."""
+        return self.unet_graphs.capture_pending(limit) + self.decode_graphs.capture_pending(limit)
+
+    def prepare_graphs(self, size: int | None = None, batches: tuple[int, ...] = (1, 2, 4, 8, 16)) -> float:
+        """Capture the UNet step and the preview decode at `size` (default native) for these batches; seconds."""
+        if not self.unet_graphs.enabled:
+            return 0.0
+        start, side = time.perf_counter(), size or self.native_size
+        for batch in batches:
+            rows = self.start_many([Request(prompt="warm-up", seed=i, steps=1, width=side, height=side)
+                                    for i in range(batch)])  # fmt: skip
+            self.step(rows)
+            self.finish(rows)
+        self.warm(limit=None)
+        return time.perf_counter() - start
 
     def params_for(self, request: Request, strength: float, decoder: str) -> dict:
         """The parameters that exactly reproduce an image (with the same model and software)."""

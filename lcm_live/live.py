@@ -293,6 +293,14 @@ class LiveLoop:
             group = self._pick_group()
             if group:
                 self._step(group)
+                self._warm(group[0][0].engine)
+
+    @staticmethod
+    def _warm(engine) -> None:
+        """Let the engine capture one new shape's CUDA graph, if it has one waiting (between steps, once a shape)."""
+        warm = getattr(engine, "warm", None)
+        if warm is not None:
+            warm(limit=1)
 
     def _admit_pending(self) -> list[Job] | None:
         """Wait for work; drop stale jobs; move pending jobs that fit into the running set. None once closed."""

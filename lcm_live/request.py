@@ -92,6 +92,7 @@ class Timings:
     unet_steps: int = 0
     text_cached: bool = False
     batch: int = 1  # the most rows that shared a UNet call with this one
+    warming_up: bool = False  # some steps ran before this size's CUDA graph was captured (slower, once)
 
 
 @dataclass
@@ -152,6 +153,7 @@ def hud_line(timings: Timings, wait_ms: float, fps: float, runtime: str, model: 
     """The HUD's plain-text line: latency, rate, stage times, where it ran and on what model."""
     text = "cached" if timings.text_cached else f"{timings.text_ms:.0f} ms"
     batch = f" · batch {timings.batch}" if timings.batch > 1 else ""
+    batch += " · warming up" if timings.warming_up else ""
     return (
         f"{wait_ms:.0f} ms · {fps:.1f} fps · text {text} · denoise {timings.denoise_ms:.0f} ms "
         f"({timings.unet_steps} steps{batch}) · decode {timings.decode_ms:.0f} ms · {runtime} · {model}"

@@ -49,7 +49,8 @@ class FastLCM:
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=rt.device, dtype=rt.dtype)
             self.added = {"text_embeds": kwargs["pooled_prompt_embeds"].expand(batch, -1).contiguous(),
                           "time_ids": time_ids.expand(batch, -1).contiguous()}  # fmt: skip
-        self.timesteps = [torch.full((batch,), c[0], device=rt.device, dtype=torch.long) for c in self.coefficients]
+        # float timesteps, as the engine passes them (the same embedding; a compiled UNet serves both)
+        self.timesteps = [torch.full((batch,), c[0], device=rt.device, dtype=torch.float32) for c in self.coefficients]
         self.image: torch.Tensor | None = None
         self.graph = None
 

@@ -36,7 +36,7 @@ def webcam_frame(index: int, width: int = 640, height: int = 480) -> Image.Image
 
 
 def streams(engine, count: int, seconds: float, max_batch: int, interval_s: float = 0.02, steps: int = 2,
-            strength: float = 0.5, warmup_s: float = 1.0) -> dict:  # fmt: skip
+            strength: float = 0.5, warmup_s: float = 1.0, frame_size: tuple[int, int] = (640, 480)) -> dict:  # fmt: skip
     """`count` webcam sessions, each sending a frame every `interval_s` whatever the server does (as a browser does).
 
     A slot keeps only its newest frame, so frames the server cannot keep up with are dropped, never queued; what
@@ -44,7 +44,7 @@ def streams(engine, count: int, seconds: float, max_batch: int, interval_s: floa
     """
     loop = LiveLoop(engine, UNLIMITED, max_batch=max_batch)
     shown: list[list[tuple[float, float]]] = [[] for _ in range(count)]  # (done time, latency s) per session
-    frames = [webcam_frame(i) for i in range(count)]
+    frames = [webcam_frame(i, *frame_size) for i in range(count)]
     stop = threading.Event()
 
     def stream(index: int) -> None:

@@ -166,7 +166,7 @@ def run_arch(arch: str, size: int, runtime: Runtime, args, report: dict) -> None
             for count in (1, 8):
                 if left(args.budget_s) < 100:
                     return
-                row = serve.streams(engine, count, 1.0 if tiny else 3.0, max_batch=16, interval_s=0.002,
+                row = serve.streams(engine, count, 1.0 if tiny else 3.0, max_batch=16, interval_s=args.frame_interval,
                                     steps=steps, strength=0.5, warmup_s=1.5, frame_size=(size, size))  # fmt: skip
                 entry["streams"].append(dict(steps=steps, **row))
                 if steps == 4 and count == 8:
@@ -201,7 +201,7 @@ def run_arch(arch: str, size: int, runtime: Runtime, args, report: dict) -> None
     if sd15:
         attempt(entry, "img2img", img2img)
         attempt(entry, "streams", streams)
-    if not tiny and device.startswith("cuda") and left(args.budget_s) > (150 if sd15 else 240):
+    if args.compile and not tiny and device.startswith("cuda") and left(args.budget_s) > (150 if sd15 else 240):
         attempt(entry, "compile", compiled)
 
 
@@ -210,6 +210,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--budget-s", type=float, default=420)
     parser.add_argument("--tiny", action="store_true", help="tiny architectures on any device: checks the script")
+    parser.add_argument("--only", default=None, help="one architecture: sd15 or sdxl")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--frame-interval", type=float, default=1 / 30, help="seconds between a stream's frames")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     runtime = Runtime("cuda" if cuda else "cpu", torch.float16 if cuda else torch.float32, True)
@@ -218,6 +221,8 @@ def main() -> None:
     log(f"device: {report['device']}, torch {torch.__version__}")
     plan = [("tiny-sd15", 64), ("tiny-sdxl", 128)] if args.tiny else [("sd15", 512), ("sdxl", 1024)]
     for arch, size in plan:
+        if args.only and not arch.endswith(args.only):
+            continue
         if left(args.budget_s) < 60:
             log(f"skip {arch}: out of time")
             continue

@@ -321,15 +321,13 @@ class Engine:
             groups.setdefault((row.request.pixel_size, self._decoder_for(row)), []).append(row)
         for (size, decoder), group in groups.items():
             vae = self.tiny_vae if decoder == "tiny" else self.full_vae
-            processor = self.img2img.image_processor
-            pixels = torch.cat([processor.preprocess(_fill_crop(row.request.image.convert("RGB"), *size))
-                                for row in group])  # fmt: skip  # (N, 3, H, W) in [-1, 1]
+            pixels = self._pixels([_fill_crop(row.request.image.convert("RGB"), *size) for row in group])
             dtype = group[0].text["prompt_embeds"].dtype
             upcast = self.family == "sdxl" and getattr(vae.config, "force_upcast", False) and vae.dtype != torch.float32
             if upcast:  # SDXL's VAE overflows in fp16 (the SDXL pipeline encodes in fp32 too)
                 vae.to(torch.float32)
             try:
-                output = vae.encode(self._to_device(pixels).to(torch.float32 if upcast else dtype))
+                output = vae.encode(pixels.to(torch.float32 if upcast else dtype))
             finally:
                 if upcast:
                     vae.to(dtype)
@@ -342,6 +340,13 @@ class Engine:
                     latent = output.latents[i : i + 1]
                 encoded[id(row)] = _scaled(latent.to(dtype), vae.config)
         return encoded
+
+    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """RGB images -> (N, 3, H, W) in [-1, 1] on the device, as the pipeline's image processor makes them
+        (x / 255 * 2 - 1 in float32), but sent as bytes and converted there."""
+        array = torch.from_numpy(np.stack([np.asarray(image) for image in images]))  # (N, H, W, 3) uint8
+        pixels = self._to_device(array).permute(0, 3, 1, 2).float() / 255.0
+        return (2.0 * pixels - 1.0).contiguous()
 
     def _initial_latents(self, row: Row, encoded: torch.Tensor | None) -> None:
         """The row's starting latents: noise (txt2img) or its encoded input noised to its first timestep (img2img).

@@ -139,8 +139,11 @@ class LiveLoop:
 
     # ------------------------------------------------------------------ submitting
     def submit(self, slot: str, requests: Request | Sequence[Request] | Settle, order: float | None = None,
-               address: str | None = None) -> Job:  # fmt: skip
+               address: str | None = None, preempt: bool = True) -> Job:  # fmt: skip
         """Queue `requests` as `slot`'s newest job; the slot's older pending job is dropped, a running one stopped.
+
+        `preempt=False` (a webcam frame) lets the slot's running job finish: frames that come faster than a
+        generation would otherwise stop every one of them before its image.
 
         `order` is when the client sent it (Gradio's enqueue time): requests of one slot can reach this point out
         of order under load, and one sent before the slot's newest is superseded at once instead of winning.
@@ -174,7 +177,7 @@ class LiveLoop:
                 self.stats.dropped += 1
                 _resolve(older.future, SUPERSEDED)
             for running in self._active:
-                if running.slot == slot:
+                if running.slot == slot and preempt:
                     running.stop.set()
             self._pending[slot] = job
             self._cond.notify_all()
@@ -223,9 +226,10 @@ class LiveLoop:
         if not any(session_of(s) == session for s in self._touched):
             self._fair.forget([session])
 
-    async def run(self, slot: str, requests, order: float | None = None, address: str | None = None) -> Outcome | str:
+    async def run(self, slot: str, requests, order: float | None = None, address: str | None = None,
+                  preempt: bool = True) -> Outcome | str:  # fmt: skip
         """Submit and wait without blocking the event loop; an Outcome, or SUPERSEDED."""
-        job = self.submit(slot, requests, order, address)
+        job = self.submit(slot, requests, order, address, preempt)
         return await asyncio.wrap_future(job.future)
 
     def run_sync(self, slot: str, requests, timeout: float | None = None, address: str | None = None):

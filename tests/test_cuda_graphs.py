@@ -44,11 +44,11 @@ def test_a_captured_graph_replays_the_function_for_any_batch_of_its_bucket():
         first = torch.randn(3, 4, 8, 8, device="cuda")
         cache(first)
         assert cache.capture_pending() == 1
-        for rows in (1, 3, 4):
+        for rows in (1, 3, 4):  # 1 row is another bucket: eager, and queued
             x = torch.randn(rows, 4, 8, 8, device="cuda")
             (out,) = cache(x)
             torch.testing.assert_close(out, layer(x))
-    assert cache.replays == 3
+    assert cache.replays == 2 and cache.pending == 1
 
 
 @cuda

@@ -279,3 +279,21 @@ def test_a_sweep_runs_as_one_batch_and_returns_one_result_per_request():
         assert len(engine.calls) == 8 and len(engine.calls[0]) == 8  # the 1-step row left after the first call
     finally:
         loop.close()
+
+
+def test_webcam_frames_faster_than_a_generation_still_come_back():
+    """preempt=False: a new frame replaces the pending one but lets the running one finish (else none would)."""
+    engine = FakeEngine(step_s=0.02)
+    loop = LiveLoop(engine, max_batch=8)
+    try:
+        jobs = []
+        for i in range(30):  # a frame every 10 ms; a frame takes 4 steps x 20 ms
+            jobs.append(loop.submit("cam:webcam", generate(f"frame {i}"), preempt=False))
+            time.sleep(0.01)
+        outcomes = [job.future.result(timeout=5) for job in jobs]
+        shown = [o.seq for o in outcomes if o != SUPERSEDED]
+        assert len(shown) >= 3 and shown == sorted(shown)
+        assert outcomes[-1] != SUPERSEDED  # the newest frame always comes back
+        assert loop.stats.stopped == 0
+    finally:
+        loop.close()

@@ -55,7 +55,7 @@ def streams(engine, count: int, seconds: float, max_batch: int, interval_s: floa
             pause(due - time.perf_counter())
             due += interval_s
             sent = time.perf_counter()
-            job = loop.submit(f"stream{index}:webcam", request)
+            job = loop.submit(f"stream{index}:webcam", request, preempt=False)
 
             def done(future, sent=sent):
                 if not future.cancelled() and future.exception() is None and future.result() != SUPERSEDED:
@@ -97,7 +97,7 @@ def typists(engine, count: int, max_batch: int, key_s: float = 0.08, webcam: boo
     def camera() -> None:
         request = Request(prompt="webcam", image=webcam_frame(99), steps=2, strength=0.5)
         while not stop.is_set():
-            loop.run_sync("camera:webcam", request, timeout=120)
+            loop.submit("camera:webcam", request, preempt=False).future.result(timeout=120)
 
     def typist(index: int) -> None:
         shown: list[int] = []

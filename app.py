@@ -24,7 +24,8 @@ def build(settings: Settings):
     from lcm_live.ui import LiveApp, build_ui
 
     runtime = pick_runtime(settings.device, settings.dtype)
-    wanted = resolve_spec(settings.preset, settings.base, settings.lora)
+    wanted = resolve_spec(settings.preset, settings.base, settings.lora, settings.style_lora, settings.style_weight,
+                          settings.base_config)  # fmt: skip
     manager = ModelManager(runtime, taesd=settings.taesd, offline=settings.offline,
                            auto_dtype=settings.dtype == "auto", compile=settings.compile)  # fmt: skip
     # Up in about a second on the embedded model, whatever the network does.

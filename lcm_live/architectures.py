@@ -102,18 +102,19 @@ def _tiny_sdxl(tokenizer):
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=16,
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=32 + 48, norm_num_groups=16,
     )  # fmt: skip
     vae = AutoencoderKL(
         block_out_channels=(16, 32, 32, 32), in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         norm_num_groups=16, sample_size=64, scaling_factor=0.13025,
     )  # fmt: skip
-    sizes = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32)
+    # Two encoders of different widths, as in SDXL (768 and 1280): single-file loading tells them apart by width.
+    sizes = dict(intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, projection_dim=32)
     return dict(
         unet=unet, vae=vae, tokenizer=tokenizer, tokenizer_2=tokenizer,
-        text_encoder=CLIPTextModel(clip_text_config(tokenizer, **sizes)),
-        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(tokenizer, **sizes)),
+        text_encoder=CLIPTextModel(clip_text_config(tokenizer, hidden_size=32, **sizes)),
+        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(tokenizer, hidden_size=48, **sizes)),
     )  # fmt: skip
 
 
@@ -200,24 +201,35 @@ def random_lcm_lora_state(unet: UNet2DConditionModel, rank: int = 4, seed: int =
     return state, config
 
 
-def save_lora(pipe, state: dict, config, folder: str, style: str = "peft") -> str:
-    """Write `state` as a LoRA file that `load_lora_weights` reads: "peft" (diffusers) or "kohya" key style."""
+def save_lora(pipe, state: dict, config, folder: str, style: str = "peft", file_name: str | None = None) -> str:
+    """Write `state` as a LoRA file that `load_lora_weights` reads, in one of the published key styles.
+
+    "peft": diffusers' own (`unet.<module>.lora_A.weight`, alpha in the metadata); "kohya": the LCM-LoRA, Hyper-SD
+    and SDXL-Lightning files (`lora_unet_<module>.lora_down.weight` + `.alpha`); "diffusers": diffusers' training
+    scripts of early 2024, as in the TCD-LoRA files (`unet.<module>.lora.down.weight`, no alpha: alpha = rank).
+    """
     os.makedirs(folder, exist_ok=True)
     if style == "peft":
-        type(pipe).save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=config.to_dict())
-        return os.path.join(folder, "pytorch_lora_weights.safetensors")
-    if style != "kohya":
-        raise ValueError(f"Unknown LoRA style {style!r}; use 'peft' or 'kohya'.")
+        type(pipe).save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=config.to_dict(),
+                                     weight_name=file_name)  # fmt: skip
+        return os.path.join(folder, file_name or "pytorch_lora_weights.safetensors")
+    if style not in ("kohya", "diffusers"):
+        raise ValueError(f"Unknown LoRA style {style!r}; use 'peft', 'kohya' or 'diffusers'.")
     from safetensors.torch import save_file
 
-    kohya = {}
+    out = {}
     for key, value in state.items():  # "down_blocks.1.attentions.0...to_q.lora_A.weight"
         module, kind = key.rsplit(".lora_", 1)
+        down = kind.startswith("A")
+        if style == "diffusers":
+            out[f"unet.{module}.lora.{'down' if down else 'up'}.weight"] = value.contiguous()
+            continue
         name = "lora_unet_" + module.replace(".", "_")
-        kohya[f"{name}.lora_down.weight" if kind.startswith("A") else f"{name}.lora_up.weight"] = value.contiguous()
-        kohya[f"{name}.alpha"] = torch.tensor(float(config.lora_alpha))
-    path = os.path.join(folder, "lcm_lora_kohya.safetensors")
-    save_file(kohya, path)
+        out[f"{name}.lora_down.weight" if down else f"{name}.lora_up.weight"] = value.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(config.lora_alpha))
+    default = "lcm_lora_kohya.safetensors" if style == "kohya" else "pytorch_lora_weights.safetensors"
+    path = os.path.join(folder, file_name or default)
+    save_file(out, path)
     return path
 
 

@@ -14,6 +14,9 @@ class Settings:
     preset: str = "sd15"  # a key of PRESETS; "demo" is the embedded model
     base: str | None = None  # custom base model id or folder (overrides the preset's)
     lora: str | None = None  # custom LCM-LoRA id, folder or .safetensors file
+    style_lora: str | None = None  # a LoRA stacked on the speed adapter: hub id, folder or .safetensors file
+    style_weight: float = 1.0  # the style LoRA's weight when fused
+    base_config: str | None = None  # single-file base: a diffusers folder or hub id of its family's configs
     device: str = "auto"  # auto, cuda, mps, cpu
     dtype: str = "auto"  # auto, float16, bfloat16, float32
     taesd: bool = True  # decode live frames with TAESD (fast), the settled image with the full VAE
@@ -44,6 +47,11 @@ class Settings:
         parser.add_argument("--preset", choices=sorted(PRESETS), default=env.preset, help="model preset")
         parser.add_argument("--base", default=env.base, help="custom base model: hub id or local folder")
         parser.add_argument("--lora", default=env.lora, help="custom LCM-LoRA: hub id, folder or .safetensors")
+        parser.add_argument("--style-lora", default=env.style_lora,
+                            help="a style LoRA fused on top of the speed adapter: hub id, folder or .safetensors")  # fmt: skip
+        parser.add_argument("--style-weight", type=float, default=env.style_weight, help="the style LoRA's weight")
+        parser.add_argument("--base-config", default=env.base_config,
+                            help="for a single-file --base: a diffusers folder (or hub id) with its family's configs")  # fmt: skip
         parser.add_argument("--device", default=env.device, choices=["auto", "cuda", "mps", "cpu"])
         parser.add_argument("--dtype", default=env.dtype, choices=["auto", "float16", "bfloat16", "float32"])
         parser.add_argument("--taesd", action=argparse.BooleanOptionalAction, default=env.taesd,
@@ -74,4 +82,6 @@ def _parse(name: str, raw: str):
         raise ValueError(f"LCM_LIVE_{name.upper()} must be true or false; got {raw!r}.")
     if kind in ("int", "int | None"):
         return int(raw)
+    if kind == "float":
+        return float(raw)
     return raw

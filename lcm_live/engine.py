@@ -179,7 +179,7 @@ class Engine:
         self._lock = threading.Lock()
         self.notes: list[str] = []  # things the user should know about this load (shown on the page)
         self.compiled = False  # a compiled UNet stops at step boundaries only (hooks would force recompiles)
-        self.step_options: dict = {}  # extra scheduler.step options of the model's recipe (e.g. eta)
+        self.step_options = dict(spec.recipe.step_kwargs)  # extra scheduler.step options of the recipe (e.g. eta)
         # Graphs on CUDA; not for LCM-distilled full models, whose guidance embedding is made per call.
         graphs = runtime.device.startswith("cuda") and pipe.unet.config.time_cond_proj_dim is None
         self.unet_graphs = GraphCache(self._unet_forward, enabled=graphs)  # one UNet call of a batch
@@ -627,8 +627,10 @@ class Engine:
         """The parameters that exactly reproduce an image (with the same model and software)."""
         params = dict(
             mode=request.mode, prompt=request.prompt, steps=request.steps, guidance_scale=request.guidance_scale,
-            seed=request.seed, width=request.width, height=request.height, scheduler="LCMScheduler",
-            model=public_id(self.spec.base), lora=public_id(self.spec.lora), decoder=decoder, runtime=self.runtime.label,
+            seed=request.seed, width=request.width, height=request.height, recipe=self.spec.recipe.name,
+            scheduler=self.spec.recipe.description, model=public_id(self.spec.base), lora=public_id(self.spec.lora),
+            adapters=[{"id": public_id(lora), "weight": weight} for lora, weight in self.spec.adapters],
+            decoder=decoder, runtime=self.runtime.label,
         )  # fmt: skip
         if request.guidance_scale > 1.0:
             params["negative_prompt"] = request.negative_prompt

@@ -201,6 +201,25 @@ def test_recipe_outputs_match_stored_numbers(offline_hub, cpu32, key):
     np.testing.assert_allclose(got, EXPECTED_LATENTS[key], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("key", sorted(EXPECTED_LATENTS))
+def test_the_engine_steps_each_recipe_as_the_pipeline_does(offline_hub, cpu32, key):
+    """The engine's own step loop (each row a scheduler copy, the recipe's step settings) gives the same numbers."""
+    spec = PRESETS[key]
+    engine = Engine.load(spec, cpu32, local_files_only=True, warmup=False)
+    request = Request(prompt="a red circle", steps=spec.recipe.steps, guidance_scale=spec.recipe.guidance_scale,
+                      width=64, height=64, seed=7)  # fmt: skip
+    alone = engine.start(request)
+    while not alone.done:
+        engine.step([alone])
+    np.testing.assert_allclose(alone.latents[0, 0, :3, :3].flatten().tolist(), EXPECTED_LATENTS[key], rtol=1e-3,
+                               atol=1e-3)  # fmt: skip
+    rows = engine.start_many([request, Request(prompt="another", steps=spec.recipe.steps, seed=8, width=64,
+                                               height=64)])  # fmt: skip
+    while active := [row for row in rows if not row.done]:
+        engine.step(active)
+    torch.testing.assert_close(rows[0].latents, alone.latents, rtol=1e-4, atol=1e-4)  # the same in a batch
+
+
 # ------------------------------------------------------------------------------------------------ style LoRAs
 def _lora_matrices(path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """module -> (down, up, alpha / rank) of a kohya or peft LoRA file on the UNet."""

@@ -100,6 +100,11 @@ class SessionRouter(RequestRouter):
         self._turn += 1
         return fewest[self._turn % len(fewest)]
 
+    def replica_of(self, session: str) -> str | None:
+        """The id of the replica that serves `session`, if it has one."""
+        home = self._sessions.get(session)
+        return home[0].unique_id if home else None
+
     def snapshot(self) -> list[dict]:
         """Each live replica: its id, its sessions, and what it last reported (model, load progress)."""
         sessions = [replica for replica, _ in list(self._sessions.values())]

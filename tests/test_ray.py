@@ -1,0 +1,212 @@
+"""Ray Serve mode: the page on two local replicas of the embedded model (1 CPU, 1 thread each).
+
+Ray starts once for the module and the app once on it; the tests talk to the page over HTTP as browsers do.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lcm_live.pngmeta import read_params
+from lcm_live.settings import Settings, replica_range
+from tests.hostile_inputs import QueueSession, error_text, output_file
+
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------- settings (no Ray needed)
+def test_replica_flags_and_environment():
+    assert replica_range("2") == (2, 2) and replica_range("1:4") == (1, 4)
+    for bad in ("0", "3:1", "two", "1:x", ""):
+        with pytest.raises(ValueError, match="N or MIN:MAX"):
+            replica_range(bad)
+    settings = Settings.from_args(["--replicas", "1:3", "--replica-cpus", "2", "--replica-gpus", "1"], environ={})
+    assert (settings.replicas, settings.replica_cpus, settings.replica_gpus, settings.ray_mode) == ("1:3", 2.0, 1.0, True)
+    from_env = Settings.from_args([], environ={"LCM_LIVE_REPLICAS": "2", "RAY_ADDRESS": "auto"})
+    assert from_env.replicas == "2" and from_env.ray_address == "auto"
+    assert Settings.from_args(["--ray-address", "10.0.0.1:6379"], environ={"RAY_ADDRESS": "auto"}).ray_address == (
+        "10.0.0.1:6379"
+    )
+    assert not Settings.from_args([], environ={}).ray_mode
+
+
+# ---------------------------------------------------------------------- start-up failures (subprocesses)
+def _run_app(args: list[str], block_ray: bool = False) -> subprocess.CompletedProcess:
+    """app.py in a fresh interpreter; with block_ray, as if Ray were not installed."""
+    prelude = "import sys; sys.modules['ray'] = None; " if block_ray else "import sys; "
+    code = prelude + f"sys.argv = ['app.py', *{args!r}]; import runpy; runpy.run_path('app.py', run_name='__main__')"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_without_ray_installed_start_up_says_so_and_exits():
+    port = _free_port()
+    done = _run_app(["--preset", "demo", "--replicas", "2", "--port", str(port)], block_ray=True)
+    assert done.returncode != 0
+    assert "need Ray Serve" in done.stderr and "pip install -r requirements-ray.txt" in done.stderr
+    assert not _listening(port)  # no page came up
+
+
+def test_an_unreachable_cluster_is_named_and_nothing_starts():
+    port, closed = _free_port(), _free_port()
+    done = _run_app(["--preset", "demo", "--ray-address", f"127.0.0.1:{closed}", "--port", str(port)])
+    assert done.returncode != 0
+    assert "unreachable" in done.stderr and f"127.0.0.1:{closed}" in done.stderr
+    assert not _listening(port)
+
+
+# ---------------------------------------------------------------------- the page on two replicas
+@pytest.fixture(scope="module")
+def ray_page(tmp_path_factory):
+    """Ray (2 CPUs, no dashboard) and the app on 2 replicas; yields (url, app)."""
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from app import close, launch
+
+    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio-cache-ray"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        settings = Settings(preset="demo", offline=True, port=_free_port(), replicas="2", queue_size=256)
+        demo, app = launch(settings, prevent_thread_lock=True)
+        try:
+            _wait_for_replicas(app, 2)
+            yield f"http://127.0.0.1:{settings.port}/", app
+        finally:
+            demo.close()
+            close(app)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _wait_for_replicas(app, count: int, timeout: float = 240.0, without: str | None = None) -> list[dict]:
+    """The router's view once `count` replicas serve (none of them `without`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        app.manager.refresh()
+        replicas = [r for r in app.manager.replicas if r.get("info") and r["replica"] != without]
+        if len(replicas) == count and app.manager.serving == count:
+            return replicas
+        time.sleep(0.5)
+    raise AssertionError(f"{count} replicas did not come up: {app.manager.replicas} {app.manager.states}")
+
+
+def _type(url: str, name: str, prompt: str, seed: int, key_s: float, last: dict | None = None, sent=None) -> dict:
+    """Session `name` types `prompt` key by key into the live endpoint, then maybe `last` (steps, side); what it saw."""
+    session = QueueSession(url, session_hash=name)
+    events, refusals = [], []
+    inputs = [[prompt[:length], "", 2, 1.0, seed, 64, 64] for length in range(1, len(prompt) + 1)]
+    if last is not None:
+        inputs.append([prompt, "", last["steps"], 1.0, seed, last["side"], last["side"]])
+    try:
+        for data in inputs:
+            status, event = session.join("live_txt2img", data)
+            if status == 200:
+                events.append(event)
+            else:
+                refusals.append(status)  # e.g. 500: the page failed to take a key
+            time.sleep(key_s)
+        if sent is not None:
+            sent.wait()
+        completed = [session.wait(event, timeout=300) for event in events]
+    finally:
+        session.close()
+    images = [output_file(message) for message in completed]
+    params = [_params(url, image) for image in images if image is not None]
+    final = output_file(completed[-1])
+    return dict(
+        final=_params(url, final) if final else None,
+        replicas=[p["replica"] for p in params],
+        prompts=[p["prompt"] for p in params],
+        errors=[error_text(m) for m in completed if not m.get("success")],
+        refusals=refusals,
+    )
+
+
+def _params(url: str, image: dict) -> dict:
+    return read_params(httpx.get(image["url"], timeout=60).content)
+
+
+def _sessions(url: str, names: list[str], prompts: list[str], key_s: float, during=None, last=None, sent=None):
+    results: list[dict | None] = [None] * len(prompts)
+
+    def user(index: int):
+        results[index] = _type(url, names[index], prompts[index], index, key_s, last, sent)
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    if during is not None:
+        during()
+    for thread in threads:
+        thread.join(timeout=600)
+    return results
+
+
+def test_ten_sessions_typing_each_end_on_their_own_prompt_each_on_one_replica(ray_page):
+    url, app = ray_page
+    prompts = [f"s{u} {'a red circle' if u % 2 else 'a blue square'}" for u in range(10)]
+    results = _sessions(url, [f"type{u}" for u in range(10)], prompts, key_s=0.04)
+    for prompt, seen in zip(prompts, results):
+        assert not seen["errors"] and not seen["refusals"], (seen["errors"], seen["refusals"])
+        assert seen["final"]["prompt"] == prompt  # the image shown last is for the last key
+        assert all(prompt.startswith(p) for p in seen["prompts"])  # no other session's image
+        assert len(set(seen["replicas"])) == 1, seen["replicas"]  # every request of a session on one replica
+    homes = [seen["replicas"][0] for seen in results]
+    assert sorted(homes.count(r) for r in set(homes)) == [5, 5]  # spread evenly over the two
+    assert "**Replicas:** 2 serving" in app.manager.status_markdown()
+
+
+def test_a_killed_replica_loses_no_final_image_and_comes_back(ray_page):
+    """Six sessions type, then each asks for a slow last image (256x256, 8 steps); a replica is killed under it."""
+    from lcm_live.replicas import _ROUTERS, APP_NAME
+
+    url, app = ray_page
+    before = _wait_for_replicas(app, 2)
+    victim = before[0]
+    prompts = [f"k{u} {'a yellow triangle on purple' if u % 2 else 'a green circle on white'}" for u in range(6)]
+    names = [f"kill{u}" for u in range(len(prompts))]
+    resent, homed, sent = app.loop.stats.resent, [], threading.Barrier(len(prompts) + 1)
+    router = _ROUTERS[APP_NAME]
+
+    def kill_mid_stream():
+        sent.wait()  # every session has sent its last input: the slow ones are running or waiting on the replicas
+        time.sleep(0.3)
+        homed.extend(name for name in names if router.replica_of(name) == victim["replica"])
+        os.kill(victim["pid"], signal.SIGKILL)
+
+    results = _sessions(url, names, prompts, 0.04, during=kill_mid_stream, last=dict(steps=8, side=256), sent=sent)
+    assert homed, "no session was on the killed replica"
+    for prompt, seen in zip(prompts, results):
+        assert not seen["errors"] and not seen["refusals"], (seen["errors"], seen["refusals"])
+        assert (seen["final"]["prompt"], seen["final"]["width"]) == (prompt, 256)  # every final image arrived ...
+        assert seen["final"]["replica"] != victim["replica"]  # ... from a live replica
+        assert len(set(seen["replicas"]) - {victim["replica"]}) == 1  # and sessions moved only off the lost one
+    assert app.loop.stats.resent - resent >= len(homed)  # the lost replica's sessions had their last input sent again
+    back = _wait_for_replicas(app, 2, without=victim["replica"])  # Serve started a replacement
+    assert victim["replica"] not in {r["replica"] for r in back}

@@ -79,29 +79,48 @@ def test_an_unreachable_cluster_is_named_and_nothing_starts():
     assert not _listening(port)
 
 
-# ---------------------------------------------------------------------- the page on two replicas
+# ---------------------------------------------------------------------- on a local Ray instance
 @pytest.fixture(scope="module")
-def ray_page(tmp_path_factory):
-    """Ray (2 CPUs, no dashboard) and the app on 2 replicas; yields (url, app)."""
+def ray_instance():
+    """Ray on this machine for the module: 2 CPUs, no dashboard; taken down at the end."""
     ray = pytest.importorskip("ray")
     from ray import serve
 
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_serve_benchmark_runs_one_and_two_replicas(ray_instance, tmp_path):
+    """The benchmark's fast mode (speed is not asserted): each stream's frames come from one replica."""
+    from lcm_live.bench.__main__ import main
+
+    data = main(["serve", "--smoke", "--threads", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "serve.md").read_text().startswith("### serve: 8 streams")
+    assert [r["mode"] for r in data["summary"]] == ["one process (no Ray)", "Ray Serve, 1 replica",
+                                                    "Ray Serve, 2 replicas"]  # fmt: skip
+    for row in data["rows"]:
+        assert len(row["per_stream_fps"]) == 8 and row["superseded"] == 0
+        assert max(row["replicas_per_stream"]) <= 1  # a stream is a session: it stays on its replica
+    assert data["summary"][1]["x_one_replica"] == 1.0
+
+
+# ---------------------------------------------------------------------- the page on two replicas
+@pytest.fixture(scope="module")
+def ray_page(ray_instance, tmp_path_factory):
+    """The app on 2 replicas; yields (url, app)."""
     from app import close, launch
 
     os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio-cache-ray"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    settings = Settings(preset="demo", offline=True, port=_free_port(), replicas="2", queue_size=256)
+    demo, app = launch(settings, prevent_thread_lock=True)
     try:
-        settings = Settings(preset="demo", offline=True, port=_free_port(), replicas="2", queue_size=256)
-        demo, app = launch(settings, prevent_thread_lock=True)
-        try:
-            _wait_for_replicas(app, 2)
-            yield f"http://127.0.0.1:{settings.port}/", app
-        finally:
-            demo.close()
-            close(app)
+        _wait_for_replicas(app, 2)
+        yield f"http://127.0.0.1:{settings.port}/", app
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        demo.close()
+        close(app)
 
 
 def _wait_for_replicas(app, count: int, timeout: float = 240.0, without: str | None = None) -> list[dict]:

@@ -48,6 +48,22 @@ def test_replica_flags_and_environment():
     assert not Settings.from_args([], environ={}).ray_mode
 
 
+@pytest.mark.parametrize("path", ["deploy/serve.yaml", "deploy/rayservice.yaml"])
+def test_deploy_configs_are_valid_serve_configs_that_build(path):
+    pytest.importorskip("ray")
+    import yaml
+    from ray.serve.deployment import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from lcm_live.replicas import app_builder
+
+    document = next(yaml.safe_load_all((ROOT / path).read_text()))
+    config = document if "applications" in document else yaml.safe_load(document["spec"]["serveConfigV2"])
+    app = ServeDeploySchema.model_validate(config).applications[0]
+    assert (app.name, app.import_path, app.route_prefix) == ("lcm-live", "lcm_live.replicas:app_builder", None)
+    assert isinstance(app_builder(app.args), Application)
+
+
 # ---------------------------------------------------------------------- start-up failures (subprocesses)
 def _run_app(args: list[str], block_ray: bool = False) -> subprocess.CompletedProcess:
     """app.py in a fresh interpreter; with block_ray, as if Ray were not installed."""

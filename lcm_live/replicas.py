@@ -12,12 +12,14 @@ Results cross Ray as an image and its parameters; latents stay on the replica, w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import math
 import os
 import socket
 import threading
 import time
+import uuid
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
@@ -44,6 +46,9 @@ RESENDS = 3  # a slot's newest input is resent at most this often when replicas 
 STATUS_EVERY_S = 1.0  # replicas report their model and load progress this often (Serve's routing stats)
 FIRST_REPLICA_S = 600.0  # start-up gives up when no replica is ready after this long
 CONNECT_S = 5.0  # a cluster address that does not answer a TCP connect within this is "unreachable"
+# One code version per page process, as `serve deploy` derives one from a config file's import path: a model
+# switch (a new user_config) then reconfigures the running replicas in place; a new process gets new replicas.
+CODE_VERSION = f"lcm-live-{uuid.uuid4().hex[:12]}"
 
 
 class ScaleOutError(RuntimeError):
@@ -312,6 +317,7 @@ class RemoteManager:
         self.replicas: list[dict] = []  # the router's view: one dict per live replica
         self.states: dict[str, int] = {}  # Serve's replica states: RUNNING, STARTING, ...
         self._stop = threading.Event()
+        self._switching = threading.Lock()
         self._thread = threading.Thread(target=self._watch, name="lcm-live-replicas", daemon=True)
         self.refresh()
         self._thread.start()
@@ -343,13 +349,18 @@ class RemoteManager:
             self.refresh()
 
     def switch(self, spec: ModelSpec) -> bool:
-        """Load `spec` on every replica (Serve's user_config); False while a replica is still loading."""
+        """Load `spec` on every replica, and on each one started later (Serve's user_config); False while loading.
+
+        Each replica loads in the background, serving its current model until the new one is ready, and reports
+        its progress (shown by status_markdown).
+        """
         if self.deployment.settings is None:
             raise ValueError("This page attached to replicas deployed by the operator: change the model in their "
                              "Serve config.")  # fmt: skip
-        if any(r.get("loading") for r in self.replicas):
-            return False
-        serve.run(application(self.deployment.settings, spec), name=APP_NAME, route_prefix=None)
+        with self._switching:
+            if any(r.get("loading") for r in self.replicas):
+                return False
+            serve.run(application(self.deployment.settings, spec), name=APP_NAME, route_prefix=None)
         return True
 
     def status_markdown(self) -> str:
@@ -408,6 +419,10 @@ def application(settings: Settings, spec: ModelSpec):
         user_config={"model": asdict(spec)},
         **scaling,
     )  # fmt: skip
+    # Ray keeps the code version an internal option for deploys from Python; without it a model switch restarts
+    # the replicas (rolling), each on the new model.
+    with contextlib.suppress(TypeError):
+        deployment = deployment.options(version=CODE_VERSION, _internal=True)
     return deployment.bind(replica_options(settings))
 
 

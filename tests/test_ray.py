@@ -245,3 +245,26 @@ def test_a_killed_replica_loses_no_final_image_and_comes_back(ray_page):
     assert app.loop.stats.resent - resent >= len(homed)  # the lost replica's sessions had their last input sent again
     back = _wait_for_replicas(app, 2, without=victim["replica"])  # Serve started a replacement
     assert victim["replica"] not in {r["replica"] for r in back}
+
+
+def test_a_model_switch_reaches_every_replica_in_place(ray_page, tiny_models):
+    from lcm_live.presets import ModelSpec
+    from lcm_live.request import Request
+
+    url, app = ray_page
+    before = {r["replica"] for r in _wait_for_replicas(app, 2)}
+    paths = tiny_models["sd15"]
+    assert app.manager.switch(ModelSpec(paths["base"], paths["lora"], 64, "tiny test model"))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        app.manager.refresh()
+        reports = app.manager.replicas
+        if len(reports) == 2 and all(r["info"]["model"] == "tiny test model" and not r["loading"] for r in reports):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"not every replica switched: {app.manager.replicas}")
+    assert {r["replica"] for r in reports} == before  # reconfigured in place, not restarted
+    assert "tiny test model" in app.manager.status_markdown()
+    served = [app.loop.run_sync(f"switch{k}:txt2img", Request(prompt="x", steps=2), timeout=120) for k in range(4)]
+    assert {o.result.params["model"] for o in served} == {"/".join(Path(paths["base"]).parts[-2:])}

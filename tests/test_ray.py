@@ -88,6 +88,7 @@ def test_without_ray_installed_start_up_says_so_and_exits():
 
 
 def test_an_unreachable_cluster_is_named_and_nothing_starts():
+    pytest.importorskip("ray")
     port, closed = _free_port(), _free_port()
     done = _run_app(["--preset", "demo", "--ray-address", f"127.0.0.1:{closed}", "--port", str(port)])
     assert done.returncode != 0

@@ -5,6 +5,7 @@ Ray starts once for the module and the app once on it; the tests talk to the pag
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -13,11 +14,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from lcm_live.pngmeta import read_params
+from lcm_live.request import Request
 from lcm_live.settings import Settings, replica_range
 from tests.hostile_inputs import QueueSession, error_text, output_file
 
@@ -62,6 +65,102 @@ def test_deploy_configs_are_valid_serve_configs_that_build(path):
     app = ServeDeploySchema.model_validate(config).applications[0]
     assert (app.name, app.import_path, app.route_prefix) == ("lcm-live", "lcm_live.replicas:app_builder", None)
     assert isinstance(app_builder(app.args), Application)
+
+
+# ---------------------------------------------------------------------- the page's side, on a fake handle
+class FakeHandle:
+    """Stands in for a Serve handle: `handle.options(session_id=s).run.remote(...)` awaits `script[call]`."""
+
+    def __init__(self, script):
+        self.script, self.calls = script, []
+
+    def options(self, session_id):
+        handle = self
+
+        class Method:
+            def __init__(self, name):
+                self.name = name
+
+            def remote(self, *args, **kwargs):
+                handle.calls.append((session_id, self.name, args))
+                return handle.script(len(handle.calls), self.name, args)
+
+        return SimpleNamespace(run=Method("run"), settle=Method("settle"), forget=Method("forget"))
+
+
+def _outcome(prompt: str, replica: str = "a"):
+    from PIL import Image
+
+    from lcm_live.live import Outcome
+    from lcm_live.request import Result, Timings
+
+    return Outcome(Result(Image.new("RGB", (8, 8)), {"prompt": prompt, "replica": replica}, Timings()), 1.0, 1.0, 1)
+
+
+def test_the_newest_input_is_resent_when_its_replica_dies():
+    ray = pytest.importorskip("ray")
+    from lcm_live.replicas import RemoteLoop
+
+    async def script(call, method, args):
+        if call == 1:
+            raise ray.exceptions.ActorDiedError()  # the replica died under the first try
+        return _outcome(args[1].prompt, "b")
+
+    handle = FakeHandle(script)
+    loop = RemoteLoop(handle, info={})
+    outcome = asyncio.run(loop.run("s1:txt2img", Request(prompt="final")))
+    assert outcome.result.params == {"prompt": "final", "replica": "b"} and loop.stats.resent == 1
+    assert [c[:2] for c in handle.calls] == [("s1", "run"), ("s1", "run")]  # both tries for session s1
+
+
+def test_an_older_input_is_not_resent_and_never_replaces_a_newer_image():
+    ray = pytest.importorskip("ray")
+    from lcm_live.live import SUPERSEDED
+    from lcm_live.replicas import RemoteLoop
+
+    async def script(call, method, args):
+        if args[1].prompt == "old, lost":
+            await asyncio.sleep(0.05)
+            raise ray.exceptions.ActorDiedError()
+        if args[1].prompt == "old, late":
+            await asyncio.sleep(0.1)
+        return _outcome(args[1].prompt)
+
+    async def main():
+        loop = RemoteLoop(FakeHandle(script), info={})
+        lost = asyncio.create_task(loop.run("s1:txt2img", Request(prompt="old, lost")))
+        await asyncio.sleep(0.01)
+        newer = await loop.run("s1:txt2img", Request(prompt="newer"))
+        late = asyncio.create_task(loop.run("s2:txt2img", Request(prompt="old, late")))
+        await asyncio.sleep(0.01)
+        newest = await loop.run("s2:txt2img", Request(prompt="newest"))
+        return await lost, newer, await late, newest, loop.stats.resent
+
+    lost, newer, late, newest, resent = asyncio.run(main())
+    assert lost == SUPERSEDED and resent == 0  # a newer input was already on its way
+    assert newer.result.params["prompt"] == "newer" and newest.result.params["prompt"] == "newest"
+    assert late == SUPERSEDED  # it finished after a newer one was shown
+
+
+def test_a_replica_error_arrives_as_its_own_exception_without_ray_traceback():
+    ray = pytest.importorskip("ray")
+    from lcm_live.replicas import RemoteLoop
+
+    async def script(call, method, args):
+        cause = ValueError("steps must be a whole number from 1 to 8; got 9.")
+        raise ray.exceptions.RayTaskError("run", "Traceback ... /srv/secret/path.py", cause).as_instanceof_cause()
+
+    with pytest.raises(ValueError) as caught:
+        asyncio.run(RemoteLoop(FakeHandle(script), info={}).run("s1:txt2img", Request(prompt="x", steps=9)))
+    assert str(caught.value) == "steps must be a whole number from 1 to 8; got 9."
+
+
+def test_sessions_of_slots():
+    pytest.importorskip("ray")
+    from lcm_live.replicas import session_of
+
+    assert session_of("abc123:txt2img") == session_of("abc123:webcam") == session_of("abc123:") == "abc123"
+    assert session_of("api:9f8e") == "api:9f8e"  # a plain API call is a session of its own
 
 
 # ---------------------------------------------------------------------- start-up failures (subprocesses)
@@ -250,7 +349,6 @@ def test_a_killed_replica_loses_no_final_image_and_comes_back(ray_page):
 
 def test_a_model_switch_reaches_every_replica_in_place(ray_page, tiny_models):
     from lcm_live.presets import ModelSpec
-    from lcm_live.request import Request
 
     url, app = ray_page
     before = {r["replica"] for r in _wait_for_replicas(app, 2)}

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -153,6 +154,21 @@ def test_a_replica_error_arrives_as_its_own_exception_without_ray_traceback():
     with pytest.raises(ValueError) as caught:
         asyncio.run(RemoteLoop(FakeHandle(script), info={}).run("s1:txt2img", Request(prompt="x", steps=9)))
     assert str(caught.value) == "steps must be a whole number from 1 to 8; got 9."
+
+
+def test_results_leave_a_replica_without_tensors_and_name_it():
+    pytest.importorskip("ray")
+    import torch
+
+    from lcm_live.replicas import LiveReplica
+
+    outcome = _outcome("x")
+    outcome.result.latents = torch.zeros(1, 4, 8, 8)
+    portable = LiveReplica._portable(SimpleNamespace(id="r1"), outcome)
+    assert portable.result.latents is None and portable.result.params["replica"] == "r1"
+    assert outcome.result.latents is not None  # the replica keeps its own copy for the settle decode
+    many = LiveReplica._portable(SimpleNamespace(id="r1"), replace(outcome, result=[outcome.result] * 2))
+    assert [r.latents for r in many.result] == [None, None]
 
 
 def test_sessions_of_slots():

@@ -55,7 +55,11 @@ def build_on_replicas(settings: Settings):
     except replicas.ScaleOutError as error:
         raise SystemExit(f"lcm-live: {error}") from error
     app = LiveApp(manager, loop)
-    demo = build_ui(app)
+    try:
+        demo = build_ui(app)
+    except BaseException:
+        manager.close()  # nothing half-up
+        raise
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=None)
     return demo, app
 

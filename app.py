@@ -17,6 +17,8 @@ def build(settings: Settings):
     """The Blocks page and its handlers for `settings`; the embedded model serves until the requested one loads."""
     if settings.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
+    if settings.ray_mode:
+        return build_on_replicas(settings)
     from lcm_live.device import pick_runtime
     from lcm_live.live import Limits, LiveLoop
     from lcm_live.models import ModelManager
@@ -40,6 +42,30 @@ def build(settings: Settings):
     return demo, app
 
 
+def build_on_replicas(settings: Settings):
+    """The page, served by Ray Serve replicas that each own an engine; SystemExit saying why when Ray cannot serve."""
+    from lcm_live.presets import resolve_spec
+    from lcm_live.ui import LiveApp, build_ui
+
+    try:
+        from lcm_live import replicas
+    except ImportError as error:
+        raise SystemExit(f"lcm-live: --replicas and --ray-address need Ray Serve ({error}). Install it with "
+                         "`pip install -r requirements-ray.txt`, or run without them (one process).") from error  # fmt: skip
+    try:
+        manager, loop = replicas.start(settings, resolve_spec(settings.preset, settings.base, settings.lora))
+    except replicas.ScaleOutError as error:
+        raise SystemExit(f"lcm-live: {error}") from error
+    app = LiveApp(manager, loop)
+    try:
+        demo = build_ui(app)
+    except BaseException:
+        manager.close()  # nothing half-up
+        raise
+    demo.queue(max_size=settings.queue_size, default_concurrency_limit=None)
+    return demo, app
+
+
 def launch(settings: Settings, **options):
     """Build and start the server; `options` go to `Blocks.launch` (the tests pass prevent_thread_lock)."""
     from lcm_live.ui import CSS
@@ -48,11 +74,24 @@ def launch(settings: Settings, **options):
     # Gradio runs at most `max_threads` events at once (40 by default), whatever the concurrency limits; a live
     # keystroke holds one until the loop answers it, so 20 people typing filled them and then the queue (503s).
     options.setdefault("max_threads", MAX_EVENTS)
-    demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
-                max_file_size=settings.max_file_size, show_error=True, css=CSS, **options)  # fmt: skip
+    try:
+        demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
+                    max_file_size=settings.max_file_size, show_error=True, css=CSS, **options)  # fmt: skip
+    except BaseException:
+        close(app)  # nothing half-up: replicas started for this page go too
+        raise
     if demo.delete_cache:
         start_cache_sweeper(demo, *demo.delete_cache)
     return demo, app
+
+
+def close(app) -> None:
+    """Stop the app's live loop, or its replicas (and the Ray instance started for them)."""
+    closing = getattr(app.manager, "close", None)  # Ray mode: the replicas' manager takes all down
+    if closing is not None:
+        closing()
+    else:
+        app.loop.close()
 
 
 def sweep_cache(blocks, age: float) -> int:

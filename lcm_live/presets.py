@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,15 @@ class ModelSpec:
     @property
     def is_embedded(self) -> bool:
         return Path(self.base).resolve() == (EMBEDDED_MODEL / "base").resolve()
+
+    def to_dict(self) -> dict:
+        """Plain data (JSON-able), e.g. for a Ray Serve user_config; `from_dict` makes the spec again."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelSpec:
+        recipe = data.get("recipe", LCM)
+        return cls(**{**data, "recipe": Recipe(**recipe) if isinstance(recipe, dict) else recipe})
 
     @property
     def adapters(self) -> list[tuple[str, float]]:

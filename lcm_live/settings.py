@@ -29,6 +29,15 @@ class Settings:
     compile: bool = False  # torch.compile the UNet of the requested model (slow start, faster steps on CUDA)
     max_cost: int | None = None  # pixels x steps one request may cost; None: the model's native size at 8 steps
     max_batch: int | None = None  # rows per UNet call; None: by device (CPU 8, CUDA 16), 1 turns batching off
+    replicas: str | None = None  # Ray Serve mode: "N" replicas, or "MIN:MAX" autoscaled; None: one process
+    ray_address: str | None = None  # join this Ray cluster (also RAY_ADDRESS); None: start Ray on this machine
+    replica_gpus: float = 0.0  # GPUs per replica (1 on a multi-GPU box: one replica per GPU)
+    replica_cpus: float = 1.0  # CPUs per replica; its torch threads are this, rounded down (at least 1)
+
+    @property
+    def ray_mode(self) -> bool:
+        """Serve from Ray Serve replicas instead of this process."""
+        return self.replicas is not None or self.ray_address is not None
 
     @classmethod
     def from_env(cls, environ=os.environ) -> Settings:
@@ -69,7 +78,33 @@ class Settings:
                             help="most pixels x UNet steps one request may cost (default: native size at 8 steps)")  # fmt: skip
         parser.add_argument("--max-batch", type=int, default=env.max_batch,
                             help="most requests denoised together in one UNet call (1: no batching)")  # fmt: skip
-        return cls(**vars(parser.parse_args(argv)))
+        parser.add_argument("--replicas", default=env.replicas, metavar="N|MIN:MAX",
+                            help="serve from N Ray Serve replicas (or autoscale MIN:MAX); needs ray[serve]")  # fmt: skip
+        parser.add_argument("--ray-address", default=env.ray_address or environ.get("RAY_ADDRESS") or None,
+                            help="join this Ray cluster (default: RAY_ADDRESS; else start Ray here)")  # fmt: skip
+        parser.add_argument("--replica-gpus", type=float, default=env.replica_gpus, help="GPUs per replica")
+        parser.add_argument("--replica-cpus", type=float, default=env.replica_cpus, help="CPUs per replica")
+        args = parser.parse_args(argv)
+        try:
+            if args.replicas is not None:
+                replica_range(args.replicas)
+            if args.replica_gpus < 0 or args.replica_cpus <= 0:
+                raise ValueError("--replica-gpus must be at least 0 and --replica-cpus above 0.")
+        except ValueError as error:
+            parser.error(str(error))
+        return cls(**vars(args))
+
+
+def replica_range(spec: str) -> tuple[int, int]:
+    """'N' -> (N, N); 'MIN:MAX' -> (MIN, MAX), autoscaled; a ValueError naming the form for anything else."""
+    low, _, high = str(spec).partition(":")
+    try:
+        bounds = int(low), int(high or low)
+    except ValueError:
+        bounds = (0, 0)
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise ValueError(f"--replicas must be N or MIN:MAX with 1 <= MIN <= MAX; got {spec!r}.")
+    return bounds
 
 
 def _parse(name: str, raw: str):

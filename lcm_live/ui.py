@@ -89,6 +89,8 @@ class RateMeter:
 def hud_markdown(outcome: Outcome, fps: float, info: dict, warnings: list[str]) -> str:
     result = outcome.result
     line = _markdown_text(hud_line(result.timings, outcome.wait_ms, fps, info["runtime"], info["model"]))
+    if "replica" in result.params:  # Ray Serve mode: which replica made this image
+        line += _markdown_text(f" · replica {result.params['replica']}")
     return line + "".join(f"  \n**Warning:** {_markdown_text(w)}" for w in warnings)
 
 

@@ -487,3 +487,11 @@ def test_hub_adapter_ids_resolve_to_repo_and_file(tmp_path):
     local.write_bytes(b"")
     assert adapter_source(str(local)) == (str(local.parent), "b.safetensors")
     assert adapter_source(str(local.parent)) == (str(local.parent), None)
+
+
+def test_every_preset_goes_through_plain_data_and_back():
+    """Specs cross process boundaries as JSON (Ray Serve's user_config): recipe included."""
+    import json
+
+    for key, spec in PRESETS.items():
+        assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec, key

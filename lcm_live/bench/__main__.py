@@ -1,4 +1,4 @@
-"""python -m lcm_live.bench {engine,compare,live,table,sweep,serve} [--smoke] [--out DIR]: see docs/benchmarks.md."""
+"""python -m lcm_live.bench {engine,compare,live,table,sweep,serve,replicas} [--smoke] [--out DIR]: see docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -316,6 +316,30 @@ def cmd_serve(args) -> dict:
     return _save(args, "serve", data, markdown)
 
 
+# ---------------------------------------------------------------------- replicas
+def cmd_replicas(args) -> dict:
+    from . import scaleout as serve
+
+    counts = sorted({int(n) for n in str(args.replicas).split(",")})
+    args.size = args.size or SMOKE_SIZE  # the embedded model's own size
+    rows = [dict(mode="one process (no Ray)", replicas=None, round=1,
+                 **serve.in_process(args, args.streams))] if args.in_process else []  # fmt: skip
+    rows += serve.on_replicas(args, counts, args.streams)
+    summary = serve.summary(rows)
+    device = core.device_name(args.device if args.device != "auto" else "cpu")
+    header = ["mode", "rounds", "frames/s (median)", "x 1 replica", "latency p50 (ms)", "latency p95 (ms)",
+              "frames/s per round"]  # fmt: skip
+    body = [[r["mode"], r["rounds"], r["fps"], r["x_one_replica"], r["latency_p50_ms"], r["latency_p95_ms"],
+             ", ".join(map(str, r["fps_per_round"]))] for r in summary]  # fmt: skip
+    threads = max(1, int(args.replica_cpus))
+    title = (f"replicas: {args.streams} streams, embedded model {args.size}x{args.size}, {args.steps} steps, "
+             f"{threads} thread(s) per replica, {device}")  # fmt: skip
+    markdown = f"### {title}\n\n{table(header, body)}"
+    data = dict(streams=args.streams, size=args.size, steps=args.steps, seconds=args.seconds, rounds=args.rounds,
+                replica_cpus=args.replica_cpus, device=device, summary=summary, rows=rows)  # fmt: skip
+    return _save(args, "replicas", data, markdown)
+
+
 # ---------------------------------------------------------------------- CLI
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lcm_live.bench", description="lcm-live benchmarks")
@@ -358,6 +382,16 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=8, help="rows per UNet call with batching on")
     s = sub.add_parser("sweep", parents=[common], help="1..8 steps, seed 1337, as one grid image")
     s.add_argument("--prompt", default=None)
+    rp = sub.add_parser("replicas", parents=[common], help="N streams on 1, 2, ... Ray Serve replicas (ray[serve])")
+    rp.add_argument("--replicas", default="1,2", help="replica counts to compare, e.g. 1,2")
+    rp.add_argument("--streams", type=int, default=8, help="sessions, each asking for its next frame at once")
+    rp.add_argument("--seconds", type=float, default=20.0, help="timed streaming per round")
+    rp.add_argument("--warmup-s", type=float, default=3.0)
+    rp.add_argument("--rounds", type=int, default=2, help="rounds; replica counts alternate within each")
+    rp.add_argument("--steps", type=int, default=4)
+    rp.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs (and torch threads) per replica")
+    rp.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the same streams in this process, without Ray")  # fmt: skip
     return p
 
 
@@ -369,7 +403,8 @@ def main(argv=None) -> dict:
             args.arch = SMOKE_ARCH if args.arch != "embedded" else "embedded"
         args.size = args.size or SMOKE_SIZE
         args.repeats = 1
-        for name, value in (("rounds", 1), ("peak_s", 0.1), ("scale", 10.0), ("standard_steps", 3)):
+        for name, value in (("rounds", 1), ("peak_s", 0.1), ("scale", 10.0), ("standard_steps", 3), ("seconds", 2.0),
+                            ("warmup_s", 0.5)):
             if hasattr(args, name):
                 setattr(args, name, value)
         if args.command == "live":
@@ -378,7 +413,7 @@ def main(argv=None) -> dict:
             args.streams, args.seconds, args.warmup, args.typists = "1,2", 1.0, 0.3, 2
     with core.threads(args.threads), torch.inference_mode(False):
         return {"engine": cmd_engine, "compare": cmd_compare, "live": cmd_live, "table": cmd_table,
-                "sweep": cmd_sweep, "serve": cmd_serve}[args.command](args)  # fmt: skip
+                "sweep": cmd_sweep, "serve": cmd_serve, "replicas": cmd_replicas}[args.command](args)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -180,6 +180,7 @@ class Engine:
         self.notes: list[str] = []  # things the user should know about this load (shown on the page)
         self.compiled = False  # a compiled UNet stops at step boundaries only (hooks would force recompiles)
         self.step_options = dict(spec.recipe.step_kwargs)  # extra scheduler.step options of the recipe (e.g. eta)
+        self.frame_ms: float | None = None  # a webcam frame's time, measured at load (the page paces frames by it)
         # Graphs on CUDA; not for LCM-distilled full models, whose guidance embedding is made per call.
         graphs = runtime.device.startswith("cuda") and pipe.unet.config.time_cond_proj_dim is None
         self.unet_graphs = GraphCache(self._unet_forward, enabled=graphs)  # one UNet call of a batch
@@ -215,7 +216,18 @@ class Engine:
                     progress(0.97, "Capturing CUDA graphs")
                 seconds = engine.prepare_graphs()
                 engine.notes.append(f"CUDA graphs captured for {engine.native_size}px batches in {seconds:.1f} s.")
+            engine.frame_ms = engine.time_frame()
         return engine
+
+    def time_frame(self) -> float:
+        """Milliseconds for one webcam frame at the native size (image to image, 2 steps at strength 0.5)."""
+        side = self.native_size
+        frame = Request(prompt="warm-up", image=Image.new("RGB", (side, side), (90, 120, 150)), steps=2, strength=0.5)
+        self.generate(frame)  # the first one of a shape warms up (and, on a GPU, queues its graphs)
+        self.warm(limit=None)
+        start = time.perf_counter()
+        self.generate(frame)
+        return (time.perf_counter() - start) * 1e3
 
     # ------------------------------------------------------------------ checks
     def check(self, request: Request) -> tuple[Request, list[str]]:
@@ -648,7 +660,8 @@ class Engine:
     def info(self) -> dict:
         return dict(model=self.spec.name, family=self.family, runtime=self.runtime.label,
                     native_size=self.native_size, embedded=self.spec.is_embedded,
-                    decoder="TAESD" if self.tiny_vae is not None else "VAE")  # fmt: skip
+                    decoder="TAESD" if self.tiny_vae is not None else "VAE", frame_ms=self.frame_ms,
+                    steps=self.spec.recipe.steps, guidance_scale=self.spec.recipe.guidance_scale)  # fmt: skip
 
 
 def timings_dict(timings: Timings) -> dict:

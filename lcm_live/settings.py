@@ -33,6 +33,12 @@ class Settings:
     ray_address: str | None = None  # join this Ray cluster (also RAY_ADDRESS); None: start Ray on this machine
     replica_gpus: float = 0.0  # GPUs per replica (1 on a multi-GPU box: one replica per GPU)
     replica_cpus: float = 1.0  # CPUs per replica; its torch threads are this, rounded down (at least 1)
+    # Public by default: what visitors may do beyond generating, and how much of the server one of them may hold.
+    allow_model_switch: bool = False  # a Model tab (and /load_model) that switches everyone among the presets
+    allow_custom_models: bool = False  # ... and to any hub id or local folder (implies allow_model_switch)
+    session_jobs: int = 6  # one browser session's (or API client's) queued + running jobs
+    address_jobs: int = 12  # the same for every session from one client address
+    trusted_proxies: str | None = None  # proxies whose X-Forwarded-For is believed; None: see app.trusted_proxies
 
     @property
     def ray_mode(self) -> bool:
@@ -78,6 +84,20 @@ class Settings:
                             help="most pixels x UNet steps one request may cost (default: native size at 8 steps)")  # fmt: skip
         parser.add_argument("--max-batch", type=int, default=env.max_batch,
                             help="most requests denoised together in one UNet call (1: no batching)")  # fmt: skip
+        parser.add_argument("--allow-model-switch", action=argparse.BooleanOptionalAction,
+                            default=env.allow_model_switch,
+                            help="let visitors switch the model, for everyone, among the presets")  # fmt: skip
+        parser.add_argument("--allow-custom-models", action=argparse.BooleanOptionalAction,
+                            default=env.allow_custom_models,
+                            help="let visitors load any hub id or local folder (implies --allow-model-switch)")  # fmt: skip
+        parser.add_argument("--session-jobs", type=int, default=env.session_jobs,
+                            help="queued + running jobs one session may have")  # fmt: skip
+        parser.add_argument("--address-jobs", type=int, default=env.address_jobs,
+                            help="queued + running jobs all sessions from one address may have")  # fmt: skip
+        parser.add_argument("--trusted-proxies", default=env.trusted_proxies,
+                            help="comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
+                                 "names the visitor (default: 127.0.0.1,::1; on a Hugging Face Space also its "
+                                 "private networks)")  # fmt: skip
         parser.add_argument("--replicas", default=env.replicas, metavar="N|MIN:MAX",
                             help="serve from N Ray Serve replicas (or autoscale MIN:MAX); needs ray[serve]")  # fmt: skip
         parser.add_argument("--ray-address", default=env.ray_address or environ.get("RAY_ADDRESS") or None,

@@ -1,0 +1,46 @@
+"""Text that leaves the server: what came from a user or a file is shown as text, and no server path is shown.
+
+Gradio renders Markdown components and the messages of gr.Error and gr.Warning as HTML (sanitised, but forms,
+password inputs, links and images survive), so every dynamic string goes through `markdown_text` or `toast_text`.
+Server-side messages (errors from images, the model, the loader) also go through `public_text` first.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+
+
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
+# An absolute path (POSIX, home-relative or Windows) not inside a URL or a word: /root/x, ~/x, C:\x, 'file:///x'.
+_PATH = re.compile(r"(?<![\w:/.\-~])(?:~|[A-Za-z]:)?[/\\](?:[^\s/\\'\"`<>|:,;()]+[/\\]?)+")
+HIDDEN = "<path>"
+
+
+def markdown_text(text: str) -> str:
+    """`text` shown inside Markdown as itself: no HTML, no links, images or emphasis."""
+    return _MARKDOWN.sub(r"\\\1", html.escape(str(text), quote=False))
+
+
+def toast_text(text: str) -> str:
+    """gr.Error and gr.Warning render their message as HTML: text in it must be escaped."""
+    return html.escape(str(text), quote=False)
+
+
+def public_text(text: str) -> str:
+    """A server-side message without the filesystem paths it may name."""
+    return _PATH.sub(HIDDEN, str(text))
+
+
+def display_name(reference: str | None) -> str | None:
+    """A model reference as the page shows it: a hub id as it is, a local path by its last two parts.
+
+    Decided from the text alone, never from the filesystem, so that the name does not tell what exists.
+    """
+    if reference is None:
+        return None
+    text = str(reference).strip().rstrip("/\\")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "~")):
+        return text  # owner/name: a hub id (or a relative folder: the same two parts either way)
+    parts = [part for part in re.split(r"[/\\]+", text) if part not in ("", ".", "..", "~")]
+    return "/".join(parts[-2:]) or "a local model"

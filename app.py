@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import threading
 import time
 
@@ -11,6 +12,7 @@ from lcm_live.settings import Settings
 
 
 MAX_EVENTS = 256  # events in progress at once (Gradio's max_threads); more wait in the queue, up to --queue-size
+PRIVATE_NETWORKS = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"  # where a Space's own proxies live
 
 
 def build(settings: Settings):
@@ -19,24 +21,34 @@ def build(settings: Settings):
         os.environ["HF_HUB_OFFLINE"] = "1"
     if settings.ray_mode:
         return build_on_replicas(settings)
+    from gradio.utils import get_upload_folder
+
     from lcm_live.device import pick_runtime
+    from lcm_live.handlers import LiveApp, OutputStore
     from lcm_live.live import Limits, LiveLoop
-    from lcm_live.models import ModelManager
+    from lcm_live.models import ModelManager, SwitchPolicy
     from lcm_live.presets import PRESETS, resolve_spec
-    from lcm_live.ui import LiveApp, build_ui
+    from lcm_live.ui import build_ui
 
     runtime = pick_runtime(settings.device, settings.dtype)
     wanted = resolve_spec(settings.preset, settings.base, settings.lora, settings.style_lora, settings.style_weight,
                           settings.base_config)  # fmt: skip
+    store = OutputStore()
+    # Visitors use the operator's model unless told otherwise; nothing loads from uploads or outputs.
+    uploads = (get_upload_folder(), os.path.join(tempfile.gettempdir(), "gradio"))  # GRADIO_TEMP_DIR, its default
+    policy = SwitchPolicy(presets=settings.allow_model_switch, custom=settings.allow_custom_models,
+                          refused_roots=(*uploads, str(store.folder)))  # fmt: skip
     manager = ModelManager(runtime, taesd=settings.taesd, offline=settings.offline,
-                           auto_dtype=settings.dtype == "auto", compile=settings.compile)  # fmt: skip
+                           auto_dtype=settings.dtype == "auto", compile=settings.compile, policy=policy)  # fmt: skip
     # Up in about a second on the embedded model, whatever the network does.
-    loop = LiveLoop(manager.load_now(PRESETS["demo"], compile=settings.compile and wanted.is_embedded),
-                    Limits(max_cost=settings.max_cost), max_batch=settings.max_batch)  # fmt: skip
+    limits = Limits(max_cost=settings.max_cost, session_jobs=settings.session_jobs,
+                    address_jobs=settings.address_jobs)  # fmt: skip
+    loop = LiveLoop(manager.load_now(PRESETS["demo"], compile=settings.compile and wanted.is_embedded), limits,
+                    max_batch=settings.max_batch)  # fmt: skip
     manager.attach(loop)
     if not wanted.is_embedded:
         manager.switch(wanted)
-    app = LiveApp(manager, loop)
+    app = LiveApp(manager, loop, store)
     demo = build_ui(app)
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=None)
     return demo, app
@@ -44,8 +56,10 @@ def build(settings: Settings):
 
 def build_on_replicas(settings: Settings):
     """The page, served by Ray Serve replicas that each own an engine; SystemExit saying why when Ray cannot serve."""
+    from lcm_live.handlers import LiveApp
+    from lcm_live.live import Limits
     from lcm_live.presets import resolve_spec
-    from lcm_live.ui import LiveApp, build_ui
+    from lcm_live.ui import build_ui
 
     try:
         from lcm_live import replicas
@@ -56,7 +70,10 @@ def build_on_replicas(settings: Settings):
         manager, loop = replicas.start(settings, resolve_spec(settings.preset, settings.base, settings.lora))
     except replicas.ScaleOutError as error:
         raise SystemExit(f"lcm-live: {error}") from error
-    app = LiveApp(manager, loop)
+    # The page's own share of the limits (one-shot places per address, slider bounds); no visitor switches models here.
+    limits = Limits(max_cost=settings.max_cost, session_jobs=settings.session_jobs,
+                    address_jobs=settings.address_jobs)  # fmt: skip
+    app = LiveApp(manager, loop, limits=limits)
     try:
         demo = build_ui(app)
     except BaseException:
@@ -71,12 +88,17 @@ def launch(settings: Settings, **options):
     from lcm_live.ui import CSS
 
     demo, app = build(settings)
+    proxies = trusted_proxies(settings)
+    if proxies is not None:  # uvicorn reads it when Gradio starts the server, below
+        os.environ["FORWARDED_ALLOW_IPS"] = proxies
     # Gradio runs at most `max_threads` events at once (40 by default), whatever the concurrency limits; a live
     # keystroke holds one until the loop answers it, so 20 people typing filled them and then the queue (503s).
     options.setdefault("max_threads", MAX_EVENTS)
+    # show_error=False: visitors see the app's own messages (gr.Error), never an internal exception's text,
+    # which can name server paths ("Cannot move /srv/app/x.png ..."); those go to the server log.
     try:
         demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
-                    max_file_size=settings.max_file_size, show_error=True, css=CSS, **options)  # fmt: skip
+                    max_file_size=settings.max_file_size, show_error=False, css=CSS, **options)  # fmt: skip
     except BaseException:
         close(app)  # nothing half-up: replicas started for this page go too
         raise
@@ -92,6 +114,22 @@ def close(app) -> None:
         closing()
     else:
         app.loop.close()
+
+
+def trusted_proxies(settings: Settings, environ=os.environ) -> str | None:
+    """The proxies whose X-Forwarded-For names a visitor's address, for uvicorn's FORWARDED_ALLOW_IPS.
+
+    --trusted-proxies if given; else FORWARDED_ALLOW_IPS if set; else on a Hugging Face Space (where every request
+    comes through the Space's proxies, so that all visitors would share one address) loopback and private networks;
+    else None: uvicorn's default, 127.0.0.1 and ::1. Uvicorn takes the last address that is not a trusted proxy.
+    """
+    if settings.trusted_proxies:
+        return settings.trusted_proxies
+    if environ.get("FORWARDED_ALLOW_IPS"):
+        return None
+    if environ.get("SPACE_ID") or environ.get("SYSTEM") == "spaces":
+        return f"127.0.0.1,::1,{PRIVATE_NETWORKS}"
+    return None
 
 
 def sweep_cache(blocks, age: float) -> int:

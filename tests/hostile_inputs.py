@@ -91,10 +91,12 @@ class QueueSession:
     gradio_client submits each call from its own thread, so its calls can reach the server out of order.
     """
 
-    def __init__(self, url: str, session_hash: str | None = None, timeout: float = 120.0):
+    def __init__(self, url: str, session_hash: str | None = None, timeout: float = 120.0, address: str | None = None):
         self.url = url.rstrip("/") + "/"
         self.session_hash = session_hash or uuid.uuid4().hex[:11]
-        self.http = httpx.Client(timeout=timeout)
+        # The app sees the test's loopback connection as a trusted proxy: X-Forwarded-For sets the visitor's address.
+        self.headers = {"X-Forwarded-For": address} if address else {}
+        self.http = httpx.Client(timeout=timeout, headers=self.headers)
         self.messages: dict[str, list[dict]] = {}
         self.finished: dict[str, tuple[float, dict]] = {}  # event id -> (perf_counter time, process_completed msg)
         self._done: dict[str, threading.Event] = {}
@@ -155,7 +157,7 @@ class QueueSession:
             return any(not event.is_set() for event in self._done.values())
 
     def _read(self) -> None:
-        stream_http = httpx.Client(timeout=httpx.Timeout(60.0, read=30.0))
+        stream_http = httpx.Client(timeout=httpx.Timeout(60.0, read=30.0), headers=self.headers)
         while not self._closed:
             if not self._outstanding():
                 self._wake.wait(0.05)

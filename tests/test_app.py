@@ -20,8 +20,7 @@ def _png(tmp_path, name="input.png", size=(96, 64), color="orange", mode="RGB"):
 
 def test_named_endpoints_are_listed(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    for name in ("/txt2img", "/img2img", "/webcam_frame", "/step_sweep", "/load_model"):
-        assert name in endpoints
+    assert set(endpoints) == {"/txt2img", "/img2img", "/webcam_frame", "/step_sweep"}  # no /load_model by default
 
 
 def test_txt2img_returns_a_png_with_its_parameters(client):
@@ -97,7 +96,8 @@ def test_model_status_reports_the_embedded_model(live_server):
     assert "embedded demo model" in text
 
 
-def test_api_calls_leave_no_slot_behind(client, live_server):
+def test_api_defaults_give_the_native_size(client, live_server):
     _, app = live_server
-    client.predict("one call", "", 2, 1.0, 0, 64, 64, api_name="/txt2img")
-    assert not [slot for slot in app.loop._seq if slot.startswith("api:")]  # each call's slot is dropped after it
+    params = read_params(client.predict("defaults", api_name="/txt2img"))
+    native = app.loop.info["native_size"]
+    assert (params["width"], params["height"], params["steps"], params["seed"]) == (native, native, 4, 0)

@@ -9,12 +9,12 @@ import pytest
 from diffusers import AutoencoderTiny
 
 from lcm_live.device import pick_runtime
+from lcm_live.handlers import LiveApp
 from lcm_live.live import LiveLoop
 from lcm_live.models import ModelManager
 from lcm_live.pngmeta import read_params
 from lcm_live.presets import PRESETS, ModelSpec
 from lcm_live.settings import Settings
-from lcm_live.ui import LiveApp
 
 
 @pytest.fixture

@@ -1,0 +1,306 @@
+"""The handlers behind the page and the API: widget values -> Requests for the live loop -> PNG files and a HUD.
+
+Every call is a visitor's (its session and address count against the loop's limits); the one-shot calls (the API
+endpoints, the step sweep, a live endpoint called through `/call/`) also wait for one of a few places; a call
+whose client went away is cancelled. No torch here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gradio as gr
+from PIL import Image, ImageDraw
+
+from .inputs import clean_prompt
+from .live import SUPERSEDED, Limits, LiveLoop, Outcome
+from .pngmeta import save_png
+from .request import MAX_SIZE, MIN_SIZE, MIN_STEPS, SIZE_STEP, GenerationError, Request, hud_line
+from .text import markdown_text, public_text, toast_text
+from .visitors import GONE, OneShotGate, Visitor, current_event, while_connected
+
+
+if TYPE_CHECKING:
+    from .models import ModelManager
+
+
+SWEEP_STEPS = range(1, 9)
+API_CONCURRENCY = 4  # one-shot calls (API endpoints, step sweeps) in the live loop at once; more wait their turn
+SETTLE_AFTER_S = 0.5  # input still this long: decode the last latents again with the full VAE
+
+
+class OutputStore:
+    """PNG files carrying their parameters, in one folder; the oldest are deleted past `keep`."""
+
+    def __init__(self, folder: str | None = None, keep: int = 256):
+        self.folder = Path(folder or tempfile.mkdtemp(prefix="lcm-live-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._paths: deque[Path] = deque()
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def save(self, image: Image.Image, params: dict) -> str:
+        path = save_png(image, params, self.folder / f"{uuid.uuid4().hex}.png")
+        with self._lock:
+            self._paths.append(path)
+            while len(self._paths) > self._keep:
+                self._paths.popleft().unlink(missing_ok=True)
+        return str(path)
+
+
+class RateMeter:
+    """Frames per second shown per slot (a smoothed rate of images delivered)."""
+
+    def __init__(self, slots: int = 1024):
+        self._last: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._slots = slots
+
+    def tick(self, slot: str) -> float:
+        now = time.perf_counter()
+        last, fps = self._last.pop(slot, (None, 0.0))
+        if last is not None:
+            instant = 1.0 / max(now - last, 1e-3)
+            fps = instant if fps == 0 else 0.7 * fps + 0.3 * instant
+        self._last[slot] = (now, fps)
+        while len(self._last) > self._slots:
+            self._last.popitem(last=False)
+        return fps
+
+
+def hud_markdown(outcome: Outcome, fps: float, info: dict, warnings: list[str]) -> str:
+    result = outcome.result
+    line = markdown_text(hud_line(result.timings, outcome.wait_ms, fps, info["runtime"], info["model"]))
+    if "replica" in result.params:  # Ray Serve mode: which replica made this image
+        line += markdown_text(f" · replica {result.params['replica']}")
+    return line + "".join(f"  \n**Warning:** {markdown_text(w)}" for w in warnings)
+
+
+def largest_side(cost_cap: int) -> int:
+    """The widest width/height slider: the largest square side (a multiple of 8) within the cap at 1 step."""
+    side = int((cost_cap / MIN_STEPS) ** 0.5) // SIZE_STEP * SIZE_STEP
+    return max(MIN_SIZE, min(MAX_SIZE, side))
+
+
+def _event_order() -> float | None:
+    """When the client sent the event being handled (Gradio's enqueue time); None outside a queued event.
+
+    Gradio preprocesses events in a thread pool, so under load one session's keystrokes can reach the handler
+    out of order; the live loop uses this to keep the newest one the newest."""
+    return getattr(current_event(), "enqueue_time", None)
+
+
+def _called_directly(request: gr.Request | None) -> bool:
+    """True for an event posted to `/call/<endpoint>` (one call, one fresh session) rather than by a page."""
+    url = getattr(getattr(request, "request", None), "url", None)
+    return "/call/" in getattr(url, "path", "")
+
+
+def _error(error: Exception) -> gr.Error:
+    """The visitor's message for a refused or failed request: escaped, without server paths."""
+    return gr.Error(toast_text(public_text(str(error))), print_exception=False)
+
+
+class LiveApp:
+    """The handlers; each browser session gets its own newest-wins slots in the live loop."""
+
+    def __init__(self, manager: ModelManager, loop: LiveLoop, store: OutputStore | None = None,
+                 one_shot_places: int = API_CONCURRENCY, limits: Limits | None = None):  # fmt: skip
+        self.manager, self.loop = manager, loop
+        self.limits = limits or getattr(loop, "limits", None) or Limits()  # the loop's own, unless it is remote
+        self.store = store or OutputStore()
+        self.rates = RateMeter()
+        self.gate = OneShotGate(one_shot_places, self.limits.address_jobs)
+
+    # ------------------------------------------------------------------ running
+    async def _run(self, visitor: Visitor, slot: str, requests, gated: bool, one_shot: bool = False):
+        """Run `requests` in `slot`: an Outcome, SUPERSEDED (newer input came) or GONE (the client left)."""
+
+        async def run():
+            if not gated:
+                return await self.loop.run(slot, requests, order=_event_order(), address=visitor.address)
+            async with self.gate.enter(visitor):
+                return await self.loop.run(slot, requests, address=visitor.address)
+
+        try:
+            return await while_connected(run())
+        except (ValueError, GenerationError) as error:
+            raise _error(error) from error
+        finally:
+            if one_shot:  # the slot is never used again: drop its bookkeeping
+                self.loop.forget(slot)
+
+    async def _generate(self, visitor: Visitor, tab: str, request: Request, gated: bool = False,
+                        one_shot: bool = False):  # fmt: skip
+        """(png path, HUD), or None when newer input superseded it or its client left."""
+        slot = visitor.one_shot_slot(tab) if one_shot else visitor.slot(tab)
+        outcome = await self._run(visitor, slot, request, gated, one_shot)
+        if outcome in (SUPERSEDED, GONE):
+            return None
+        result = outcome.result
+        for warning in result.warnings:
+            gr.Warning(toast_text(warning))
+        fps = 0.0 if one_shot else self.rates.tick(slot)
+        path = self.store.save(result.image, result.params)
+        return path, hud_markdown(outcome, fps, self.loop.info, result.warnings)
+
+    # ------------------------------------------------------------------ the page's live handlers
+    async def txt2img(self, prompt, negative_prompt, steps, guidance_scale, seed, width, height,
+                      request: gr.Request = None):  # fmt: skip
+        req = _txt2img_request(prompt, negative_prompt, steps, guidance_scale, seed, width, height)
+        shown = await self._generate(Visitor.of(request), "txt2img", req, gated=_called_directly(request))
+        return shown if shown is not None else (gr.skip(), gr.skip())
+
+    async def img2img(self, image, prompt, strength, steps, seed, request: gr.Request = None):
+        if image is None:
+            return gr.skip(), "Upload, paste or pick an image to start."
+        req = _img2img_request(image, prompt, strength, steps, seed)
+        shown = await self._generate(Visitor.of(request), "img2img", req, gated=_called_directly(request))
+        return shown if shown is not None else (gr.skip(), gr.skip())
+
+    async def webcam(self, image, prompt, strength, steps, seed, request: gr.Request = None):
+        if image is None:
+            return gr.skip(), gr.skip()
+        req = _img2img_request(image, prompt, strength, steps, seed)
+        shown = await self._generate(Visitor.of(request), "webcam", req, gated=_called_directly(request))
+        return shown if shown is not None else (gr.skip(), gr.skip())
+
+    async def sweep(self, prompt, negative_prompt="", guidance_scale=1.0, seed=0, width=None, height=None,
+                    request: gr.Request = None):  # fmt: skip
+        """The same seed at 1..8 steps, as one labelled grid image (a one-shot call: it waits for a place)."""
+        base = _txt2img_request(prompt, negative_prompt, MIN_STEPS, guidance_scale, seed, width, height)
+        visitor = Visitor.of(request)
+        outcome = await self._run(visitor, visitor.slot("sweep"), [replace(base, steps=n) for n in SWEEP_STEPS],
+                                  gated=True)  # fmt: skip
+        if outcome in (SUPERSEDED, GONE):
+            return gr.skip()
+        results = outcome.result
+        grid = step_grid([r.image for r in results], [f"{n} step{'s' * (n > 1)}" for n in SWEEP_STEPS])
+        params = {**results[0].params, "steps": list(SWEEP_STEPS), "kind": "step sweep"}
+        return self.store.save(grid, params)
+
+    async def settle(self, tab: str, request: gr.Request | None):
+        """Once input has been still for a moment, replace a TAESD preview by the full VAE's decode of it."""
+        await asyncio.sleep(SETTLE_AFTER_S)
+        try:
+            outcome = await while_connected(self.loop.settle(Visitor.of(request).slot(tab)))
+        except Exception:  # e.g. the model was switched meanwhile: keep the preview
+            return gr.skip()
+        if outcome is None or outcome in (SUPERSEDED, GONE):
+            return gr.skip()  # newer input came, nothing to upgrade, or nobody is there
+        return self.store.save(outcome.result.image, outcome.result.params)
+
+    async def settle_txt2img(self, request: gr.Request):
+        return await self.settle("txt2img", request)
+
+    async def settle_img2img(self, request: gr.Request):
+        return await self.settle("img2img", request)
+
+    # ------------------------------------------------------------------ the API (one call, one image)
+    async def api_txt2img(self, prompt, negative_prompt="", steps=4, guidance_scale=1.0, seed=0, width=None,
+                          height=None, request: gr.Request = None):  # fmt: skip
+        req = _txt2img_request(prompt, negative_prompt, steps, guidance_scale, seed, width, height)
+        shown = await self._generate(Visitor.of(request), "txt2img", req, gated=True, one_shot=True)
+        return shown[0] if shown is not None else gr.skip()
+
+    async def api_img2img(self, image, prompt="", strength=0.5, steps=4, seed=0, request: gr.Request = None):
+        if image is None:
+            raise gr.Error("No image was received: send one as `image`.", print_exception=False)
+        req = _img2img_request(image, prompt, strength, steps, seed)
+        shown = await self._generate(Visitor.of(request), "img2img", req, gated=True, one_shot=True)
+        return shown[0] if shown is not None else gr.skip()
+
+    async def api_webcam_frame(self, image, prompt="", strength=0.5, steps=4, seed=0, request: gr.Request = None):
+        if image is None:
+            raise gr.Error("No frame was received: send one as `image`.", print_exception=False)
+        req = _img2img_request(image, prompt, strength, steps, seed)
+        shown = await self._generate(Visitor.of(request), "webcam", req, gated=True, one_shot=True)
+        return shown[0] if shown is not None else gr.skip()
+
+    # ------------------------------------------------------------------ the model, the page's bounds
+    def switch_model(self, preset, base=None, lora=None):
+        """A visitor's switch, as far as the operator allows it (only wired when allowed)."""
+        try:
+            started = self.manager.switch_for_visitor(preset, base, lora)
+        except ValueError as error:
+            raise _error(error) from error
+        if not started:
+            gr.Warning("A model is already loading; wait for it to finish.")
+        return self.manager.status_markdown()
+
+    def bounds(self) -> tuple[int, int, str]:
+        """(default side, widest side, a key that changes with them) for the serving model and the cost cap."""
+        info = self.loop.info
+        native = int(info["native_size"])
+        widest = largest_side(self.limits.cost_cap(native))
+        return min(native, widest), widest, f"{info['model']}|{native}|{widest}"
+
+    def page_bounds(self):
+        """The size sliders for this page load: the serving model's native size, as wide as the cost cap allows."""
+        side, widest, key = self.bounds()
+        size = gr.update(value=side, maximum=widest)
+        return size, size, key
+
+    def status(self, shown_key: str | None):
+        """The status line, and new size sliders when the model (or its cap) changed since this page set them."""
+        side, widest, key = self.bounds()
+        if key == shown_key:
+            return self.manager.status_markdown(), gr.skip(), gr.skip(), gr.skip()
+        size = gr.update(value=side, maximum=widest)
+        return self.manager.status_markdown(), size, size, key
+
+    def forget(self, request: gr.Request):
+        if request is not None and request.session_hash:
+            self.loop.forget(f"{Visitor.of(request).session}:")
+
+
+def _txt2img_request(prompt, negative_prompt, steps, guidance_scale, seed, width, height) -> Request:
+    return Request(prompt=clean_prompt(prompt), negative_prompt=clean_prompt(negative_prompt),
+                   steps=_int(steps, "steps"), guidance_scale=_float(guidance_scale, "guidance_scale"),
+                   seed=_int(seed, "seed"), width=_size(width, "width"), height=_size(height, "height"))  # fmt: skip
+
+
+def _img2img_request(image, prompt, strength, steps, seed) -> Request:
+    """`image` arrives upright, RGB and at the working size: `ui.image_input`'s preprocess made it so."""
+    return Request(prompt=clean_prompt(prompt), image=image, strength=_float(strength, "strength"),
+                   steps=_int(steps, "steps"), seed=_int(seed, "seed"))  # fmt: skip
+
+
+def _int(value, name: str) -> int:
+    try:
+        return int(round(float(value)))
+    except (TypeError, ValueError, OverflowError) as error:
+        raise gr.Error(toast_text(f"{name} must be a number; got {value!r}."), print_exception=False) from error
+
+
+def _size(value, name: str) -> int | None:
+    """A width or height; None (an API call that left it out): the serving model's native size."""
+    return None if value is None else _int(value, name)
+
+
+def _float(value, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as error:
+        raise gr.Error(toast_text(f"{name} must be a number; got {value!r}."), print_exception=False) from error
+
+
+def step_grid(images: list[Image.Image], labels: list[str]) -> Image.Image:
+    """Images side by side in two rows of four, each with its label underneath."""
+    width, height = images[0].size
+    cell = max(width, 96)
+    columns, rows, label_h = 4, (len(images) + 3) // 4, 16
+    grid = Image.new("RGB", (columns * cell, rows * (height + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, (image, label) in enumerate(zip(images, labels)):
+        x, y = (index % columns) * cell, (index // columns) * (height + label_h)
+        grid.paste(image, (x + (cell - width) // 2, y))
+        draw.text((x + 4, y + height + 2), label, fill="black")
+    return grid

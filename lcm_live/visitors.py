@@ -1,0 +1,108 @@
+"""Who is asking, and how much of the server they may hold: sessions, addresses, one-shot calls, disconnects.
+
+A visitor is a Gradio session (a page load, or one API client) seen from a client address. The live loop caps
+the jobs of each (`live.Limits`); here the one-shot calls (the API endpoints, the step sweep) also share a few
+places in the loop, waiting in this process rather than in Gradio's queue, so one address's burst can neither
+fill that queue for everyone nor crowd the loop's turns. A call whose client went away is cancelled: Gradio
+removes a disconnected client's queued events but lets a running handler go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from gradio.context import LocalContext
+
+from .request import RequestRefused
+
+
+GONE = "gone"  # what a call resolves to when its client disconnected before the result
+GONE_POLL_S = 0.2  # how often a waiting call looks whether its client is still there
+
+
+@dataclass(frozen=True)
+class Visitor:
+    session: str  # the Gradio session hash (one per page load or API client); a fresh id when there is none
+    address: str | None  # the client's address (behind a trusted proxy, the one it forwarded); None: unknown
+
+    @classmethod
+    def of(cls, request) -> Visitor:
+        """The visitor behind a gr.Request (None: a direct call, e.g. from a test)."""
+        session = getattr(request, "session_hash", None) or f"api-{uuid.uuid4().hex}"
+        client = getattr(request, "client", None) if request is not None else None
+        return cls(session.replace(":", "_"), getattr(client, "host", None) or None)
+
+    def slot(self, tab: str) -> str:
+        """The session's newest-wins slot for `tab` (the live loop reads the session before the colon)."""
+        return f"{self.session}:{tab}"
+
+    def one_shot_slot(self, tab: str) -> str:
+        """A slot of its own for one call that nothing supersedes (an API call), still in the session."""
+        return f"{self.session}:{tab}-{uuid.uuid4().hex}"
+
+
+class OneShotGate:
+    """At most `places` one-shot calls in the live loop at once; the others wait here, at most `per_address` of
+    each address (waiting or running); past that a call is refused at once, so it never holds a place in Gradio's
+    queue. Used from Gradio's event loop only."""
+
+    def __init__(self, places: int, per_address: int):
+        self.places, self.per_address = places, per_address
+        self._free: asyncio.Semaphore | None = None
+        self._held: Counter[str] = Counter()
+
+    @asynccontextmanager
+    async def enter(self, visitor: Visitor):
+        address = visitor.address
+        if address is not None and self._held[address] >= self.per_address:
+            raise RequestRefused(
+                f"Too many requests at once from your address (at most {self.per_address}); wait for one to finish."
+            )
+        if self._free is None:
+            self._free = asyncio.Semaphore(self.places)
+        if address is not None:
+            self._held[address] += 1
+        try:
+            async with self._free:
+                yield
+        finally:
+            if address is not None:
+                self._held[address] -= 1
+                if self._held[address] <= 0:
+                    del self._held[address]
+
+    def held(self, address: str) -> int:
+        return self._held.get(address, 0)
+
+
+def current_event():
+    """Gradio's queue event being handled; None outside a queued event."""
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    events = getattr(getattr(blocks, "_queue", None), "event_ids_to_events", None)
+    return events.get(event_id) if event_id and isinstance(events, dict) else None
+
+
+async def while_connected(awaitable):
+    """Await `awaitable`; cancel it and return GONE once the client that sent the current event disconnects.
+
+    Cancelling the live loop's future makes it drop the job unrun, or stop it at the next step if running.
+    """
+    event = current_event()
+    task = asyncio.ensure_future(awaitable)
+    if event is None:
+        return await task
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=GONE_POLL_S)
+            if done:
+                return task.result()
+            if not getattr(event, "alive", True):
+                task.cancel()
+                return GONE
+    except asyncio.CancelledError:
+        task.cancel()
+        raise

@@ -172,13 +172,17 @@ class LiveApp:
         shown = await self._generate(Visitor.of(request), "webcam", req, gated=_called_directly(request))
         return shown if shown is not None else (gr.skip(), gr.skip())
 
-    async def sweep(self, prompt, negative_prompt="", guidance_scale=1.0, seed=0, width=None, height=None,
-                    request: gr.Request = None):  # fmt: skip
-        """The same seed at 1..8 steps, as one labelled grid image (a one-shot call: it waits for a place)."""
+    async def sweep(self, prompt, negative_prompt, guidance_scale, seed, width, height, request: gr.Request = None):
+        """The page's step sweep: the same seed at 1..8 steps as one labelled grid; a newer sweep supersedes it."""
+        return await self._sweep(Visitor.of(request), prompt, negative_prompt, guidance_scale, seed, width, height,
+                                 one_shot=False)  # fmt: skip
+
+    async def _sweep(self, visitor: Visitor, prompt, negative_prompt, guidance_scale, seed, width, height,
+                     one_shot: bool):  # fmt: skip
+        """A step sweep is one job of 8 requests; like an API call it waits for one of the one-shot places."""
         base = _txt2img_request(prompt, negative_prompt, MIN_STEPS, guidance_scale, seed, width, height)
-        visitor = Visitor.of(request)
-        outcome = await self._run(visitor, visitor.slot("sweep"), [replace(base, steps=n) for n in SWEEP_STEPS],
-                                  gated=True)  # fmt: skip
+        slot = visitor.one_shot_slot("sweep") if one_shot else visitor.slot("sweep")
+        outcome = await self._run(visitor, slot, [replace(base, steps=n) for n in SWEEP_STEPS], True, one_shot)
         if outcome in (SUPERSEDED, GONE):
             return gr.skip()
         results = outcome.result
@@ -223,6 +227,11 @@ class LiveApp:
         req = _img2img_request(image, prompt, strength, steps, seed)
         shown = await self._generate(Visitor.of(request), "webcam", req, gated=True, one_shot=True)
         return shown[0] if shown is not None else gr.skip()
+
+    async def api_step_sweep(self, prompt, negative_prompt="", guidance_scale=1.0, seed=0, width=None, height=None,
+                             request: gr.Request = None):  # fmt: skip
+        return await self._sweep(Visitor.of(request), prompt, negative_prompt, guidance_scale, seed, width, height,
+                                 one_shot=True)  # fmt: skip
 
     # ------------------------------------------------------------------ the model, the page's bounds
     def switch_model(self, preset, base=None, lora=None):

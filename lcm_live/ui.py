@@ -203,7 +203,8 @@ def api_endpoints(app: LiveApp) -> None:
                      api_name="txt2img", **api)  # fmt: skip
     buttons[1].click(app.api_img2img, [image, prompt, strength, steps, seed], out, api_name="img2img", **api)
     buttons[2].click(app.api_webcam_frame, [image, prompt, strength, steps, seed], out, api_name="webcam_frame", **api)
-    buttons[3].click(app.sweep, [prompt, negative, guidance, seed, width, height], grid, api_name="step_sweep", **api)
+    buttons[3].click(app.api_step_sweep, [prompt, negative, guidance, seed, width, height], grid, api_name="step_sweep",
+                     **api)  # fmt: skip
 
 
 def build_ui(app: LiveApp, trigger_mode: str = "multiple") -> gr.Blocks:

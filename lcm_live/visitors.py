@@ -46,14 +46,19 @@ class Visitor:
 
 
 class OneShotGate:
-    """At most `places` one-shot calls in the live loop at once; the others wait here, at most `per_address` of
-    each address (waiting or running); past that a call is refused at once, so it never holds a place in Gradio's
-    queue. Used from Gradio's event loop only."""
+    """One-shot calls take turns for `places` places in the live loop, at most `address_places` of them one
+    address's; the others wait here, at most `per_address` per address (waiting or running): past that a call is
+    refused at once, so it never holds a place in Gradio's queue. Used from Gradio's event loop only."""
 
-    def __init__(self, places: int, per_address: int):
-        self.places, self.per_address = places, per_address
-        self._free: asyncio.Semaphore | None = None
-        self._held: Counter[str] = Counter()
+    def __init__(self, places: int, per_address: int, address_places: int = 2):
+        self.places, self.per_address, self.address_places = places, per_address, address_places
+        self._turns: asyncio.Condition | None = None
+        self._held: Counter[str] = Counter()  # address -> calls waiting or running
+        self._running: Counter[str | None] = Counter()  # address -> calls in the loop
+
+    def _free_for(self, address: str | None) -> bool:
+        mine = self._running[address] < self.address_places or address is None
+        return sum(self._running.values()) < self.places and mine
 
     @asynccontextmanager
     async def enter(self, visitor: Visitor):
@@ -62,13 +67,22 @@ class OneShotGate:
             raise RequestRefused(
                 f"Too many requests at once from your address (at most {self.per_address}); wait for one to finish."
             )
-        if self._free is None:
-            self._free = asyncio.Semaphore(self.places)
+        if self._turns is None:
+            self._turns = asyncio.Condition()
         if address is not None:
             self._held[address] += 1
         try:
-            async with self._free:
+            async with self._turns:
+                await self._turns.wait_for(lambda: self._free_for(address))
+                self._running[address] += 1
+            try:
                 yield
+            finally:
+                async with self._turns:
+                    self._running[address] -= 1
+                    if self._running[address] <= 0:
+                        del self._running[address]
+                    self._turns.notify_all()
         finally:
             if address is not None:
                 self._held[address] -= 1

@@ -324,6 +324,32 @@ def test_page_sliders_stop_where_the_cost_cap_does(live_server):
     assert largest_side(512 * 512 * 8) == 1448 and largest_side(10**12) == MAX_SIZE and largest_side(1) == MIN_SIZE
 
 
+def test_page_sliders_follow_the_serving_model():
+    """Each page load sets the size sliders for the serving model; the status tick resets them once another serves."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+    from fakes import FakeEngine
+
+    from lcm_live.handlers import LiveApp
+    from lcm_live.live import LiveLoop
+    from lcm_live.models import SwitchPolicy
+
+    loop = LiveLoop(FakeEngine())
+    app = LiveApp(SimpleNamespace(status_markdown=lambda: "status", policy=SwitchPolicy()), loop)
+    try:
+        width, height, key = app.page_bounds()
+        assert width == height == gr.update(value=64, maximum=largest_side(64 * 64 * MAX_STEPS))
+        assert app.status(key) == ("status", gr.skip(), gr.skip(), gr.skip())  # nothing changed: sliders left alone
+        bigger = FakeEngine()
+        bigger.native_size, bigger.info = 512, {**FakeEngine.info, "model": "bigger", "native_size": 512}
+        loop.swap_engine(bigger)
+        status, width, height, new_key = app.status(key)
+        assert width == height == gr.update(value=512, maximum=1448) and new_key != key
+    finally:
+        loop.close()
+
+
 @pytest.mark.parametrize("endpoint", ["txt2img", "live_txt2img", "step_sweep"])
 def test_one_address_cannot_take_more_than_its_share(live_server, endpoint):
     """A burst from one address: past its share it is refused at once, every endpoint alike; others are served.
@@ -372,7 +398,7 @@ def test_another_visitor_is_not_queued_behind_a_burst(live_server):
     assert output_file(mine) is not None, error_text(mine)
     assert all(kind == "complete" for kind, _ in results), results
     before = sum(t < done for t in burst_done)
-    assert before <= API_CONCURRENCY + 1, before  # behind the calls in the loop at most, not the 8
+    assert before <= app.gate.address_places + 1, before  # behind that address's calls in the loop, not all 8
 
 
 # ---------------------------------------------------------------------------------------------------- clients that leave
@@ -401,6 +427,36 @@ def test_a_request_whose_client_left_before_its_turn_never_runs(live_server):
     assert all(kind == "complete" for kind, _ in results), results
     assert latent(app, 96, 64) not in seen  # the leaver's size never ran
     assert app.gate.held("192.0.2.20") == 0
+
+
+def test_one_shot_places_are_shared_by_addresses():
+    """4 places, at most 2 of one address's; an address's waiting calls count in its share (here 3)."""
+    import asyncio
+
+    from lcm_live.request import RequestRefused
+    from lcm_live.visitors import OneShotGate, Visitor
+
+    gate = OneShotGate(places=4, per_address=3, address_places=2)
+    running, most, refused = [], {"a": 0, "b": 0, "c": 0, "all": 0}, []
+
+    async def call(address):
+        try:
+            async with gate.enter(Visitor("s", address)):
+                running.append(address)
+                most[address] = max(most[address], running.count(address))
+                most["all"] = max(most["all"], len(running))
+                await asyncio.sleep(0.01)
+                running.remove(address)
+        except RequestRefused as refusal:
+            refused.append((address, str(refusal)))
+
+    async def burst():
+        await asyncio.gather(*(call(address) for address in "aaaaabbbcc"))
+
+    asyncio.run(burst())
+    assert most == {"a": 2, "b": 2, "c": 2, "all": 4}
+    assert [address for address, _ in refused] == ["a", "a"]  # a's 4th and 5th: past its share of 3
+    assert "at most 3" in refused[0][1] and gate.held("a") == 0
 
 
 def test_one_shot_calls_leave_no_bookkeeping(client, live_server):

@@ -77,7 +77,7 @@ class RateMeter:
 
 def hud_markdown(outcome: Outcome, fps: float, info: dict, warnings: list[str]) -> str:
     result = outcome.result
-    line = markdown_text(hud_line(result.timings, outcome.wait_ms, fps, info["runtime"], info["model"]))
+    line = markdown_text(hud_line(result.timings, outcome.wait_ms, fps, info["runtime"], public_text(info["model"])))
     if "replica" in result.params:  # Ray Serve mode: which replica made this image
         line += markdown_text(f" · replica {result.params['replica']}")
     return line + "".join(f"  \n**Warning:** {markdown_text(w)}" for w in warnings)
@@ -120,12 +120,14 @@ class LiveApp:
         self.gate = OneShotGate(one_shot_places, self.limits.address_jobs)
 
     # ------------------------------------------------------------------ running
-    async def _run(self, visitor: Visitor, slot: str, requests, gated: bool, one_shot: bool = False):
+    async def _run(self, visitor: Visitor, slot: str, requests, gated: bool, one_shot: bool = False,
+                   preempt: bool = True):  # fmt: skip
         """Run `requests` in `slot`: an Outcome, SUPERSEDED (newer input came) or GONE (the client left)."""
 
         async def run():
             if not gated:
-                return await self.loop.run(slot, requests, order=_event_order(), address=visitor.address)
+                return await self.loop.run(slot, requests, order=_event_order(), address=visitor.address,
+                                           preempt=preempt)  # fmt: skip
             async with self.gate.enter(visitor):
                 return await self.loop.run(slot, requests, address=visitor.address)
 
@@ -138,10 +140,10 @@ class LiveApp:
                 self.loop.forget(slot)
 
     async def _generate(self, visitor: Visitor, tab: str, request: Request, gated: bool = False,
-                        one_shot: bool = False):  # fmt: skip
+                        one_shot: bool = False, preempt: bool = True):  # fmt: skip
         """(png path, HUD), or None when newer input superseded it or its client left."""
         slot = visitor.one_shot_slot(tab) if one_shot else visitor.slot(tab)
-        outcome = await self._run(visitor, slot, request, gated, one_shot)
+        outcome = await self._run(visitor, slot, request, gated, one_shot, preempt)
         if outcome in (SUPERSEDED, GONE):
             return None
         result = outcome.result
@@ -169,7 +171,10 @@ class LiveApp:
         if image is None:
             return gr.skip(), gr.skip()
         req = _img2img_request(image, prompt, strength, steps, seed)
-        shown = await self._generate(Visitor.of(request), "webcam", req, gated=_called_directly(request))
+        # A newer frame replaces the pending one but lets the running one finish: frames faster than a generation
+        # would otherwise stop every one of them before its image.
+        shown = await self._generate(Visitor.of(request), "webcam", req, gated=_called_directly(request),
+                                     preempt=False)  # fmt: skip
         return shown if shown is not None else (gr.skip(), gr.skip())
 
     async def sweep(self, prompt, negative_prompt, guidance_scale, seed, width, height, request: gr.Request = None):

@@ -179,7 +179,7 @@ class ModelManager:
     def status_markdown(self) -> str:
         """One line for the page: what serves, what loads, what failed. Every name in it is shown as text."""
         info = self.engine.info
-        lines = [f"**Model:** {markdown_text(info['model'])} · {markdown_text(info['runtime'])} · "
+        lines = [f"**Model:** {markdown_text(public_text(info['model']))} · {markdown_text(info['runtime'])} · "
                  f"{markdown_text(info['decoder'])}"]  # fmt: skip
         status = self.status
         lines += [f"Note: {markdown_text(public_text(note))}" for note in self.engine.notes]

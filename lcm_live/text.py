@@ -33,14 +33,14 @@ def public_text(text: str) -> str:
 
 
 def display_name(reference: str | None) -> str | None:
-    """A model reference as the page shows it: a hub id as it is, a local path by its last two parts.
-
-    Decided from the text alone, never from the filesystem, so that the name does not tell what exists.
+    """A model reference as the page shows it: a hub id or relative path as written, an absolute path by its last
+    two parts. Decided from the text alone, never from the filesystem, so that the name does not tell what exists.
     """
     if reference is None:
         return None
     text = str(reference).strip().rstrip("/\\")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "~")):
-        return text  # owner/name: a hub id (or a relative folder: the same two parts either way)
-    parts = [part for part in re.split(r"[/\\]+", text) if part not in ("", ".", "..", "~")]
+    parts = [part for part in re.split(r"[/\\]+", text) if part not in ("", ".")]
+    if not re.match(r"([/\\~]|[A-Za-z]:)", text) and ".." not in parts:
+        return text  # owner/name, owner/repo/file.safetensors, models/mine: as the operator wrote it
+    parts = [part for part in parts if part not in ("..", "~") and not re.fullmatch(r"[A-Za-z]:", part)]
     return "/".join(parts[-2:]) or "a local model"

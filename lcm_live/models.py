@@ -159,22 +159,19 @@ class ModelManager:
             expected = isinstance(error, ModelLoadError)
             log.warning("could not load %s (base=%r, lora=%r): %s", spec.name, spec.base, spec.lora,
                         error if expected else f"{type(error).__name__}: {error}", exc_info=not expected)  # fmt: skip
-            self.status = LoadStatus(error=self._failure(spec, by_visitor), seconds=time.perf_counter() - start,
-                                     by_visitor=by_visitor)  # fmt: skip
+            self.status = LoadStatus(error=self._failure(spec, by_visitor, error), by_visitor=by_visitor,
+                                     seconds=time.perf_counter() - start)  # fmt: skip
             return
         self.loop.swap_engine(engine)
         self.status = LoadStatus(seconds=time.perf_counter() - start, message=f"Loaded {spec.name}")
 
-    def _failure(self, spec: ModelSpec, by_visitor: bool) -> str:
-        """What the page says about a failed load: for a visitor's, the name only, whatever went wrong."""
-        if by_visitor:
+    def _failure(self, spec: ModelSpec, by_visitor: bool, error: Exception | None = None) -> str:
+        """What the page says about a failed load: for a visitor's, the name only, whatever went wrong (so that
+        nobody learns what exists on the server); for the operator's own, why, without server paths."""
+        if by_visitor or error is None:
             return f"Could not load {spec.name}; the current model keeps serving."
-        hub_ids = [ref for ref in (spec.base, spec.lora) if ref and display_name(ref) == ref and "/" in ref]
-        if self.offline and hub_ids and len(hub_ids) == len([ref for ref in (spec.base, spec.lora) if ref]):
-            fetch = " and ".join(f"`hf download {ref}`" for ref in hub_ids)
-            return (f"Could not load {spec.name}: the server is offline and it is not cached. To fix: download "
-                    f"it once with network ({fetch}).")  # fmt: skip
-        return f"Could not load {spec.name}; the server log says why."
+        reason = str(error) if isinstance(error, ModelLoadError) else f"{type(error).__name__}: {error}"
+        return public_text(f"Could not load {spec.name}. {reason}")
 
     def status_markdown(self) -> str:
         """One line for the page: what serves, what loads, what failed. Every name in it is shown as text."""

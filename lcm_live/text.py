@@ -29,7 +29,7 @@ def toast_text(text: str) -> str:
 
 def public_text(text: str) -> str:
     """A server-side message without the filesystem paths it may name."""
-    return _PATH.sub(HIDDEN, str(text))
+    return _PATH.sub(lambda found: HIDDEN + found.group(0)[len(found.group(0).rstrip(".")):], str(text))
 
 
 def display_name(reference: str | None) -> str | None:

@@ -209,6 +209,17 @@ def test_a_failed_switch_says_the_same_for_existing_and_missing_paths(custom_ser
     assert all(str(case) in logged for case in cases)  # the operator's log has the details
 
 
+def test_the_operators_failed_model_says_why_without_paths(custom_server, tmp_path):
+    from lcm_live.presets import ModelSpec
+
+    _, app = custom_server
+    assert app.manager.switch(ModelSpec(str(tmp_path / "gone" / "base"), None))
+    app.manager.wait(60)
+    text = app.manager.status_markdown().replace("\\", "")
+    assert "Could not load gone/base. Could not load base model" in text and "no such file or folder" in text
+    assert_no_server_path(text, app)
+
+
 # ---------------------------------------------------------------------------------------------------- text, paths
 # Markup a phisher would send: a form with a password input, a link, an image from elsewhere, Markdown links.
 # No slash in the model name (a path's last parts are shown); at most 40 characters in the prompt's quoted tail.
@@ -260,6 +271,7 @@ def test_markup_in_every_echoed_field_is_shown_as_text(browser, custom_server, a
 def test_text_helpers():
     assert markdown_text("<b>**x**</b>") == "&lt;b&gt;\\*\\*x\\*\\*&lt;/b&gt;"
     assert public_text("Cannot move /srv/app/x.png to the cache") == "Cannot move <path> to the cache"
+    assert public_text("found in directory /srv/a/b.. To fix") == "found in directory <path>.. To fix"
     assert public_text("see https://huggingface.co/a/b, 1/2 and and/or") == "see https://huggingface.co/a/b, 1/2 and and/or"
     assert display_name("owner/model") == "owner/model"
     assert display_name("/root/.ssh/id_rsa") == ".ssh/id_rsa" and display_name("/nonexistent/.ssh/id_rsa") == ".ssh/id_rsa"

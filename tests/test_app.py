@@ -28,7 +28,7 @@ def test_txt2img_returns_a_png_with_its_parameters(client):
     params = read_params(path)
     assert Image.open(path).format == "PNG" and Image.open(path).size == (64, 64)
     assert params["prompt"] == "a red circle" and params["seed"] == 7 and params["steps"] == 4
-    assert params["mode"] == "txt2img" and params["scheduler"] == "LCMScheduler"
+    assert params["mode"] == "txt2img" and params["scheduler"] == "LCMScheduler()" and params["recipe"] == "lcm"
 
 
 def test_same_parameters_give_the_same_image(client):

@@ -244,6 +244,7 @@ def ray_page(ray_instance, tmp_path_factory):
     """The app on 2 replicas; yields (url, app)."""
     from app import close, launch
 
+    previous = os.environ.get("GRADIO_TEMP_DIR")  # the session's other apps keep theirs (it is read per upload)
     os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio-cache-ray"))
     settings = Settings(preset="demo", offline=True, port=_free_port(), replicas="2", queue_size=256,
                         max_cost=256 * 256 * 8)  # the fault test's slow last images  # fmt: skip
@@ -254,6 +255,10 @@ def ray_page(ray_instance, tmp_path_factory):
     finally:
         demo.close()
         close(app)
+        if previous is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
 
 
 def _wait_for_replicas(app, count: int, timeout: float = 240.0, without: str | None = None) -> list[dict]:

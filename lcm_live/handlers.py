@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,12 +98,6 @@ def _event_order() -> float | None:
     return getattr(current_event(), "enqueue_time", None)
 
 
-def _called_directly(request: gr.Request | None) -> bool:
-    """True for an event posted to `/call/<endpoint>` (one call, one fresh session) rather than by a page."""
-    url = getattr(getattr(request, "request", None), "url", None)
-    return "/call/" in getattr(url, "path", "")
-
-
 def _error(error: Exception) -> gr.Error:
     """The visitor's message for a refused or failed request: escaped, without server paths."""
     return gr.Error(toast_text(public_text(str(error))), print_exception=False)
@@ -118,10 +113,33 @@ class LiveApp:
         self.store = store or OutputStore()
         self.rates = RateMeter()
         self.gate = OneShotGate(one_shot_places, self.limits.address_jobs)
+        self._numbers: dict[str, set[int]] = {}  # a session's tab -> numbers of its one-shot slots in use
 
     # ------------------------------------------------------------------ running
-    async def _run(self, visitor: Visitor, slot: str, requests, gated: bool, one_shot: bool = False,
-                   preempt: bool = True):  # fmt: skip
+    @contextmanager
+    def _slot(self, visitor: Visitor, tab: str, one_shot: bool):
+        """The slot to run in: the session's newest-wins slot for `tab`, or for a one-shot call one that nothing
+        supersedes: the lowest number free among the session's, kept for its next call (so that the session's share
+        of the worker carries over from call to call). A one-off session's slot is dropped after its call."""
+        key = visitor.slot(tab)
+        if not one_shot:
+            slot, number = key, None
+        else:
+            used = self._numbers.setdefault(key, set())
+            number = min(set(range(len(used) + 1)) - used)
+            used.add(number)
+            slot = f"{key}-{number}"
+        try:
+            yield slot
+        finally:
+            if number is not None:
+                self._numbers[key].discard(number)
+                if not self._numbers[key]:
+                    del self._numbers[key]
+            if visitor.one_off:  # nothing will come from that session again
+                self.loop.forget(slot)
+
+    async def _run(self, visitor: Visitor, slot: str, requests, gated: bool, preempt: bool = True):
         """Run `requests` in `slot`: an Outcome, SUPERSEDED (newer input came) or GONE (the client left)."""
 
         async def run():
@@ -135,21 +153,19 @@ class LiveApp:
             return await while_connected(run())
         except (ValueError, GenerationError) as error:
             raise _error(error) from error
-        finally:
-            if one_shot:  # the slot is never used again: drop its bookkeeping
-                self.loop.forget(slot)
 
-    async def _generate(self, visitor: Visitor, tab: str, request: Request, gated: bool = False,
-                        one_shot: bool = False, preempt: bool = True):  # fmt: skip
-        """(png path, HUD), or None when newer input superseded it or its client left."""
-        slot = visitor.one_shot_slot(tab) if one_shot else visitor.slot(tab)
-        outcome = await self._run(visitor, slot, request, gated, one_shot, preempt)
+    async def _generate(self, visitor: Visitor, tab: str, request: Request, one_shot: bool = False,
+                        preempt: bool = True):  # fmt: skip
+        """(png path, HUD), or None when newer input superseded it or its client left. One-shot calls, and live
+        calls through `/call/`, wait for one of the one-shot places."""
+        with self._slot(visitor, tab, one_shot) as slot:
+            outcome = await self._run(visitor, slot, request, one_shot or visitor.one_off, preempt)
         if outcome in (SUPERSEDED, GONE):
             return None
         result = outcome.result
         for warning in result.warnings:
             gr.Warning(toast_text(warning))
-        fps = 0.0 if one_shot else self.rates.tick(slot)
+        fps = 0.0 if one_shot else self.rates.tick(visitor.slot(tab))
         path = self.store.save(result.image, result.params)
         return path, hud_markdown(outcome, fps, self.loop.info, result.warnings)
 
@@ -157,14 +173,14 @@ class LiveApp:
     async def txt2img(self, prompt, negative_prompt, steps, guidance_scale, seed, width, height,
                       request: gr.Request = None):  # fmt: skip
         req = _txt2img_request(prompt, negative_prompt, steps, guidance_scale, seed, width, height)
-        shown = await self._generate(Visitor.of(request), "txt2img", req, gated=_called_directly(request))
+        shown = await self._generate(Visitor.of(request), "txt2img", req)
         return shown if shown is not None else (gr.skip(), gr.skip())
 
     async def img2img(self, image, prompt, strength, steps, seed, request: gr.Request = None):
         if image is None:
             return gr.skip(), "Upload, paste or pick an image to start."
         req = _img2img_request(image, prompt, strength, steps, seed)
-        shown = await self._generate(Visitor.of(request), "img2img", req, gated=_called_directly(request))
+        shown = await self._generate(Visitor.of(request), "img2img", req)
         return shown if shown is not None else (gr.skip(), gr.skip())
 
     async def webcam(self, image, prompt, strength, steps, seed, request: gr.Request = None):
@@ -173,8 +189,7 @@ class LiveApp:
         req = _img2img_request(image, prompt, strength, steps, seed)
         # A newer frame replaces the pending one but lets the running one finish: frames faster than a generation
         # would otherwise stop every one of them before its image.
-        shown = await self._generate(Visitor.of(request), "webcam", req, gated=_called_directly(request),
-                                     preempt=False)  # fmt: skip
+        shown = await self._generate(Visitor.of(request), "webcam", req, preempt=False)
         return shown if shown is not None else (gr.skip(), gr.skip())
 
     async def sweep(self, prompt, negative_prompt, guidance_scale, seed, width, height, request: gr.Request = None):
@@ -186,8 +201,8 @@ class LiveApp:
                      one_shot: bool):  # fmt: skip
         """A step sweep is one job of 8 requests; like an API call it waits for one of the one-shot places."""
         base = _txt2img_request(prompt, negative_prompt, MIN_STEPS, guidance_scale, seed, width, height)
-        slot = visitor.one_shot_slot("sweep") if one_shot else visitor.slot("sweep")
-        outcome = await self._run(visitor, slot, [replace(base, steps=n) for n in SWEEP_STEPS], True, one_shot)
+        with self._slot(visitor, "sweep", one_shot) as slot:
+            outcome = await self._run(visitor, slot, [replace(base, steps=n) for n in SWEEP_STEPS], True)
         if outcome in (SUPERSEDED, GONE):
             return gr.skip()
         results = outcome.result
@@ -216,21 +231,21 @@ class LiveApp:
     async def api_txt2img(self, prompt, negative_prompt="", steps=4, guidance_scale=1.0, seed=0, width=None,
                           height=None, request: gr.Request = None):  # fmt: skip
         req = _txt2img_request(prompt, negative_prompt, steps, guidance_scale, seed, width, height)
-        shown = await self._generate(Visitor.of(request), "txt2img", req, gated=True, one_shot=True)
+        shown = await self._generate(Visitor.of(request), "txt2img", req, one_shot=True)
         return shown[0] if shown is not None else gr.skip()
 
     async def api_img2img(self, image, prompt="", strength=0.5, steps=4, seed=0, request: gr.Request = None):
         if image is None:
             raise gr.Error("No image was received: send one as `image`.", print_exception=False)
         req = _img2img_request(image, prompt, strength, steps, seed)
-        shown = await self._generate(Visitor.of(request), "img2img", req, gated=True, one_shot=True)
+        shown = await self._generate(Visitor.of(request), "img2img", req, one_shot=True)
         return shown[0] if shown is not None else gr.skip()
 
     async def api_webcam_frame(self, image, prompt="", strength=0.5, steps=4, seed=0, request: gr.Request = None):
         if image is None:
             raise gr.Error("No frame was received: send one as `image`.", print_exception=False)
         req = _img2img_request(image, prompt, strength, steps, seed)
-        shown = await self._generate(Visitor.of(request), "webcam", req, gated=True, one_shot=True)
+        shown = await self._generate(Visitor.of(request), "webcam", req, one_shot=True)
         return shown[0] if shown is not None else gr.skip()
 
     async def api_step_sweep(self, prompt, negative_prompt="", guidance_scale=1.0, seed=0, width=None, height=None,

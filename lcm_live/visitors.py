@@ -28,21 +28,21 @@ GONE_POLL_S = 0.2  # how often a waiting call looks whether its client is still 
 class Visitor:
     session: str  # the Gradio session hash (one per page load or API client); a fresh id when there is none
     address: str | None  # the client's address (behind a trusted proxy, the one it forwarded); None: unknown
+    one_off: bool = False  # a session of one call (`/call/<endpoint>`, or no session at all): nothing to keep
 
     @classmethod
     def of(cls, request) -> Visitor:
         """The visitor behind a gr.Request (None: a direct call, e.g. from a test)."""
-        session = getattr(request, "session_hash", None) or f"api-{uuid.uuid4().hex}"
+        session = getattr(request, "session_hash", None)
         client = getattr(request, "client", None) if request is not None else None
-        return cls(session.replace(":", "_"), getattr(client, "host", None) or None)
+        url = getattr(getattr(request, "request", None), "url", None)
+        one_off = session is None or "/call/" in getattr(url, "path", "")  # /call/ makes a session per call
+        session = (session or f"api-{uuid.uuid4().hex}").replace(":", "_")
+        return cls(session, getattr(client, "host", None) or None, one_off)
 
     def slot(self, tab: str) -> str:
         """The session's newest-wins slot for `tab` (the live loop reads the session before the colon)."""
         return f"{self.session}:{tab}"
-
-    def one_shot_slot(self, tab: str) -> str:
-        """A slot of its own for one call that nothing supersedes (an API call), still in the session."""
-        return f"{self.session}:{tab}-{uuid.uuid4().hex}"
 
 
 class OneShotGate:

@@ -11,7 +11,7 @@ import html
 import re
 
 
-_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>])")
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|~>:@])")  # ":" and "@" too: no autolinked URL or e-mail
 # An absolute path (POSIX, home-relative or Windows) not inside a URL or a word: /root/x, ~/x, C:\x, 'file:///x'.
 _PATH = re.compile(r"(?<![\w:/.\-~])(?:~|[A-Za-z]:)?[/\\](?:[^\s/\\'\"`<>|:,;()]+[/\\]?)+")
 HIDDEN = "<path>"

@@ -270,6 +270,7 @@ def test_markup_in_every_echoed_field_is_shown_as_text(browser, custom_server, a
 
 def test_text_helpers():
     assert markdown_text("<b>**x**</b>") == "&lt;b&gt;\\*\\*x\\*\\*&lt;/b&gt;"
+    assert markdown_text("https://e.example a@e.example") == "https\\://e\\.example a\\@e\\.example"  # no autolinks
     assert public_text("Cannot move /srv/app/x.png to the cache") == "Cannot move <path> to the cache"
     assert public_text("found in directory /srv/a/b.. To fix") == "found in directory <path>.. To fix"
     assert public_text("see https://huggingface.co/a/b, 1/2 and and/or") == "see https://huggingface.co/a/b, 1/2 and and/or"

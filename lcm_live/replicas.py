@@ -397,7 +397,8 @@ def replica_options(settings: Settings) -> dict:
     """What each replica is built with (its init argument)."""
     return dict(device=settings.device, dtype=settings.dtype, taesd=settings.taesd, offline=settings.offline,
                 compile=settings.compile, threads=max(1, int(settings.replica_cpus)), max_batch=settings.max_batch,
-                limits=dict(max_cost=settings.max_cost))  # fmt: skip
+                limits=dict(max_cost=settings.max_cost, session_jobs=settings.session_jobs,
+                            address_jobs=settings.address_jobs))  # fmt: skip
 
 
 def application(settings: Settings, spec: ModelSpec):

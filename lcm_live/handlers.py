@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import gradio as gr
 from PIL import Image, ImageDraw
 
-from .inputs import clean_prompt
+from .inputs import InputError, clean_prompt, load_image
 from .live import SUPERSEDED, Limits, LiveLoop, Outcome
 from .pngmeta import save_png
 from .request import MAX_SIZE, MIN_SIZE, MIN_STEPS, SIZE_STEP, GenerationError, Request, hud_line
@@ -48,7 +48,11 @@ class OutputStore:
         self._keep = keep
         self._lock = threading.Lock()
 
-    def save(self, image: Image.Image, params: dict) -> str:
+    async def save(self, image: Image.Image, params: dict) -> str:
+        """Encode and write on a worker thread: a PNG takes milliseconds to tens of ms, the event loop none of them."""
+        return await asyncio.to_thread(self.save_now, image, params)
+
+    def save_now(self, image: Image.Image, params: dict) -> str:
         path = save_png(image, params, self.folder / f"{uuid.uuid4().hex}.png")
         with self._lock:
             self._paths.append(path)
@@ -158,7 +162,7 @@ class LiveApp:
         for warning in result.warnings:
             gr.Warning(toast_text(warning))
         fps = 0.0 if one_shot else self.rates.tick(visitor.slot(tab))
-        path = self.store.save(result.image, result.params)
+        path = await self.store.save(result.image, result.params)
         return path, hud_markdown(outcome, fps, self.loop.info, result.warnings)
 
     # ------------------------------------------------------------------ the page's live handlers
@@ -184,6 +188,19 @@ class LiveApp:
         shown = await self._generate(Visitor.of(request), "webcam", req, preempt=False)
         return shown if shown is not None else (gr.skip(), gr.skip())
 
+    async def sketch(self, canvas, prompt, strength, steps, seed, request: gr.Request = None):
+        """The sketch tab: the canvas (its flattened composite, checked like any upload) as image-to-image input."""
+        composite = canvas.get("composite") if isinstance(canvas, dict) else None
+        if not composite:
+            return gr.skip(), "Draw on the canvas to start."
+        try:
+            image = load_image(composite)
+        except InputError as error:
+            raise _error(error) from error
+        req = _img2img_request(image, prompt, strength, steps, seed)
+        shown = await self._generate(Visitor.of(request), "sketch", req)
+        return shown if shown is not None else (gr.skip(), gr.skip())
+
     async def sweep(self, prompt, negative_prompt, guidance_scale, seed, width, height, request: gr.Request = None):
         """The page's step sweep: the same seed at 1..8 steps as one labelled grid; a newer sweep supersedes it."""
         return await self._sweep(Visitor.of(request), prompt, negative_prompt, guidance_scale, seed, width, height,
@@ -200,7 +217,7 @@ class LiveApp:
         results = outcome.result
         grid = step_grid([r.image for r in results], [f"{n} step{'s' * (n > 1)}" for n in SWEEP_STEPS])
         params = {**results[0].params, "steps": list(SWEEP_STEPS), "kind": "step sweep"}
-        return self.store.save(grid, params)
+        return await self.store.save(grid, params)
 
     async def settle(self, tab: str, request: gr.Request | None):
         """Once input has been still for a moment, replace a TAESD preview by the full VAE's decode of it."""
@@ -211,7 +228,7 @@ class LiveApp:
             return gr.skip()
         if outcome is None or outcome in (SUPERSEDED, GONE):
             return gr.skip()  # newer input came, nothing to upgrade, or nobody is there
-        return self.store.save(outcome.result.image, outcome.result.params)
+        return await self.store.save(outcome.result.image, outcome.result.params)
 
     async def settle_txt2img(self, request: gr.Request):
         return await self.settle("txt2img", request)
@@ -262,6 +279,18 @@ class LiveApp:
         native = int(info["native_size"])
         widest = largest_side(self.limits.cost_cap(native))
         return min(native, widest), widest, f"{info['model']}|{native}|{widest}"
+
+    def frame_interval(self) -> float:
+        """Seconds between webcam frames: the serving model's frame time, from 1/30 s (a camera's pace) to 1 s."""
+        frame_ms = self.loop.info.get("frame_ms")
+        return 0.1 if frame_ms is None else min(1.0, max(1 / 30, frame_ms / 1e3))
+
+    def defaults(self) -> dict:
+        """The serving model's own steps and guidance (its recipe), for the page's sliders."""
+        info = self.loop.info
+        steps = int(info.get("steps", 4))
+        return dict(steps=steps, guidance_scale=float(info.get("guidance_scale", 1.0)), image_steps=max(2, steps),
+                    webcam_steps=max(2, steps // 2))  # fmt: skip
 
     def page_bounds(self):
         """The size sliders for this page load: the serving model's native size, as wide as the cost cap allows."""

@@ -26,9 +26,12 @@ def png_info(params: dict) -> PngImagePlugin.PngInfo:
     return info
 
 
-def save_png(image: Image.Image, params: dict, path: str | Path) -> Path:
+COMPRESS_LEVEL = 1  # zlib level: 6x faster than Pillow's default 6 for ~20% more bytes (docs/serving.md)
+
+
+def save_png(image: Image.Image, params: dict, path: str | Path, compress_level: int = COMPRESS_LEVEL) -> Path:
     """Write `image` as PNG with `params` in its text chunks."""
-    image.save(path, format="PNG", pnginfo=png_info(params))
+    image.save(path, format="PNG", pnginfo=png_info(params), compress_level=compress_level)
     return Path(path)
 
 

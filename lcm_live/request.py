@@ -104,6 +104,15 @@ class Result:
     warnings: list[str] = field(default_factory=list)
 
 
+def image_digest(image: Image.Image) -> str:
+    """A short fingerprint of an input image's pixels, recorded in the parameters of images made from it."""
+    import hashlib
+
+    digest = hashlib.sha1(f"{image.mode} {image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _round8(value: float) -> int:
     return max(MIN_SIZE, int(round(value / SIZE_STEP)) * SIZE_STEP)
 

@@ -1,4 +1,4 @@
-"""The page: three live tabs (text, image, webcam), a HUD, the API endpoints, and a model picker only where the
+"""The page: four live tabs (text, image, webcam, sketch), a HUD, the API endpoints, and a model picker only where the
 operator allows visitors to switch. No torch here; the handlers are in handlers.py.
 
 Every widget change is sent at once (`trigger_mode="multiple"`), so the server hears new input while a
@@ -87,12 +87,14 @@ def _result(label: str, elem_id: str, **options) -> gr.Image:
 def text_tab(app: LiveApp, prompt_text: str, live: dict) -> SimpleNamespace:
     """Text to image: every keystroke and slider move regenerates; a step sweep on demand."""
     side, widest, _ = app.bounds()
+    defaults = app.defaults()
     with gr.Tab("Text to image", id="txt2img"), gr.Row():
         with gr.Column():
             prompt = gr.Textbox(prompt_text, label="Prompt", lines=2, elem_id="t2i-prompt")
             negative = gr.Textbox("", label="Negative prompt (used when guidance > 1)", elem_id="t2i-negative")
-            steps = _steps(4, "t2i-steps")
-            guidance = gr.Slider(MIN_GUIDANCE, MAX_GUIDANCE, 1.0, step=0.1, label="Guidance", elem_id="t2i-guidance")
+            steps = _steps(defaults["steps"], "t2i-steps")
+            guidance = gr.Slider(MIN_GUIDANCE, MAX_GUIDANCE, defaults["guidance_scale"], step=0.1, label="Guidance",
+                                 elem_id="t2i-guidance")  # fmt: skip
             with gr.Row():
                 seed = _seed("t2i-seed")
                 randomize = gr.Button("Random seed", elem_id="t2i-random", scale=0)
@@ -125,7 +127,7 @@ def image_tab(app: LiveApp, prompt_text: str, live: dict) -> None:
                 gr.Examples(examples(), inputs=[source], label="Examples")
             prompt = gr.Textbox(prompt_text, label="Prompt", lines=2, elem_id="i2i-prompt")
             strength = _strength("i2i-strength")
-            steps = _steps(4, "i2i-steps")
+            steps = _steps(app.defaults()["image_steps"], "i2i-steps")
             seed = _seed("i2i-seed")
         with gr.Column():
             image = _result("Result", "i2i-image", height=420)
@@ -137,7 +139,8 @@ def image_tab(app: LiveApp, prompt_text: str, live: dict) -> None:
 
 
 def webcam_tab(app: LiveApp, prompt_text: str) -> None:
-    """Webcam: the browser sends a frame every 100 ms; the server keeps only the newest."""
+    """Webcam: the browser sends a frame as often as the model makes one (at most 30 a second); the server keeps
+    only the newest, and a newer frame never stops the one being made."""
     with gr.Tab("Webcam", id="webcam"):
         with gr.Row():
             with gr.Column():
@@ -147,15 +150,38 @@ def webcam_tab(app: LiveApp, prompt_text: str) -> None:
                                      elem_id="cam-input")  # fmt: skip
                 prompt = gr.Textbox(prompt_text, label="Prompt", lines=2, elem_id="cam-prompt")
                 strength = _strength("cam-strength")
-                steps = _steps(2, "cam-steps")
+                steps = _steps(app.defaults()["webcam_steps"], "cam-steps")
                 seed = _seed("cam-seed")
             with gr.Column():
                 image = _result("Live output", "cam-image", height=420)
                 hud = gr.Markdown(elem_id="cam-hud", elem_classes="hud")
         gr.Markdown("Browsers grant the camera only on `localhost` or HTTPS pages.")
-    camera.stream(app.webcam, [camera, prompt, strength, steps, seed], [image, hud], stream_every=0.1,
+    camera.stream(app.webcam, [camera, prompt, strength, steps, seed], [image, hud], stream_every=app.frame_interval(),
                   time_limit=None, concurrency_limit=16, concurrency_id="webcam", show_progress="hidden",
                   api_name="live_webcam", api_visibility="undocumented")  # fmt: skip
+
+
+def sketch_tab(app: LiveApp, prompt_text: str, live: dict) -> None:
+    """Sketch: draw, and the image repaints after every stroke (image to image from the canvas)."""
+    side = app.bounds()[0]
+    with gr.Tab("Sketch", id="sketch"), gr.Row():
+        with gr.Column():
+            canvas = gr.Sketchpad(type="filepath", image_mode="RGB", label="Canvas", canvas_size=(side, side),
+                                  brush=gr.Brush(default_size=max(2, side // 24)), height=360,
+                                  elem_id="sketch-canvas")  # fmt: skip
+            clear = gr.Button("Clear", elem_id="sketch-clear")
+            prompt = gr.Textbox(prompt_text, label="Prompt", lines=2, elem_id="sketch-prompt")
+            strength = gr.Slider(MIN_STRENGTH, MAX_STRENGTH, 0.75, step=0.05, label="Strength",
+                                 elem_id="sketch-strength")  # fmt: skip
+            steps = _steps(app.defaults()["image_steps"], "sketch-steps")
+            seed = _seed("sketch-seed")
+        with gr.Column():
+            image = _result("Result", "sketch-image", height=420)
+            hud = gr.Markdown(elem_id="sketch-hud", elem_classes="hud")
+    inputs = [canvas, prompt, strength, steps, seed]
+    gr.on([canvas.change, *(c.change for c in inputs[1:])], app.sketch, inputs, [image, hud], api_name="live_sketch",
+          api_visibility="undocumented", **live)  # fmt: skip
+    clear.click(lambda: None, None, canvas, show_progress="hidden", api_visibility="private")
 
 
 def model_tab(app: LiveApp, status: gr.Markdown) -> None:
@@ -221,6 +247,7 @@ def build_ui(app: LiveApp, trigger_mode: str = "multiple") -> gr.Blocks:
             text = text_tab(app, prompt_text, live)
             image_tab(app, prompt_text, live)
             webcam_tab(app, prompt_text)
+            sketch_tab(app, prompt_text, live)
             if getattr(app.manager, "policy", None) is not None and app.manager.policy.enabled:  # not with replicas
                 model_tab(app, status)
         api_endpoints(app)

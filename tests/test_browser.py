@@ -107,3 +107,46 @@ def test_webcam_streams_distinct_frames(page, artifacts):
     params = shown_params(page, "cam-image")
     assert params["mode"] == "img2img"
     page.screenshot(path=str(artifacts / "webcam.png"), full_page=True)
+
+
+def test_sketch_repaints_on_every_stroke_and_ends_on_the_final_canvas(page, artifacts, monkeypatch):
+    """Strokes drawn with the mouse; the final image's parameters carry the digest of the last canvas received."""
+    import lcm_live.handlers as handlers
+    from lcm_live.request import image_digest
+
+    received, load = [], handlers.load_image
+
+    def recording(source):
+        image = load(source)
+        received.append(image_digest(image))
+        return image
+
+    monkeypatch.setattr(handlers, "load_image", recording)
+    page.get_by_role("tab", name="Sketch").click()
+    page.locator("#sketch-canvas").get_by_role("button", name="Brush").click()
+    canvas = page.locator("#sketch-canvas canvas").first
+    canvas.wait_for(state="visible", timeout=20_000)
+    box = canvas.bounding_box()
+    time.sleep(0.5)
+    for i in range(4):  # four strokes on the drawing area (the middle of the editor), each a separate drag
+        x, y = box["x"] + box["width"] * 0.38, box["y"] + box["height"] * (0.3 + 0.12 * i)
+        page.mouse.move(x, y)
+        time.sleep(0.1)
+        page.mouse.down()
+        for k in range(1, 5):  # moved in a few steps, not teleported (the editor uploads the canvas as it changes)
+            page.mouse.move(x + 30 * k, y + 8 * k)
+            time.sleep(0.05)
+        page.mouse.up()
+        time.sleep(1.5)  # a person's pause between strokes
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (received and shown_params(page, "sketch-image").get("input") == received[-1]):
+        time.sleep(0.2)
+    time.sleep(1.0)  # nothing older may replace it afterwards
+    params = shown_params(page, "sketch-image")
+    assert len(set(received)) >= 3, f"{len(set(received))} distinct canvases reached the server"
+    assert params["mode"] == "img2img" and params["input"] == received[-1]
+    assert "ms" in page.locator("#sketch-hud").inner_text()
+    page.screenshot(path=str(artifacts / "sketch.png"), full_page=True)
+    page.locator("#sketch-clear").click()  # the canvas empties; the last image stays
+    time.sleep(0.5)
+    assert shown_params(page, "sketch-image")["input"] == received[-1]

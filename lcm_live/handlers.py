@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 
 SWEEP_STEPS = range(1, 9)
-API_CONCURRENCY = 4  # one-shot calls (API endpoints, step sweeps) in the live loop at once; more wait their turn
+API_CONCURRENCY = 4  # one-shot calls (API endpoints, step sweeps) in the live loop at once, at least; more wait
+# their turn. Where the loop batches more rows than this into one UNet call, a batch's worth may be in it.
 SETTLE_AFTER_S = 0.5  # input still this long: decode the last latents again with the full VAE
 
 
@@ -111,12 +112,13 @@ class LiveApp:
     """The handlers; each browser session gets its own newest-wins slots in the live loop."""
 
     def __init__(self, manager: ModelManager, loop: LiveLoop, store: OutputStore | None = None,
-                 one_shot_places: int = API_CONCURRENCY, limits: Limits | None = None):  # fmt: skip
+                 one_shot_places: int | None = None, limits: Limits | None = None):  # fmt: skip
         self.manager, self.loop = manager, loop
         self.limits = limits or getattr(loop, "limits", None) or Limits()  # the loop's own, unless it is remote
         self.store = store or OutputStore()
         self.rates = RateMeter()
-        self.gate = OneShotGate(one_shot_places, self.limits.address_jobs)
+        places = one_shot_places or max(API_CONCURRENCY, getattr(loop, "max_batch", 0))
+        self.gate = OneShotGate(places, self.limits.address_jobs)
 
     # ------------------------------------------------------------------ running
     @contextmanager

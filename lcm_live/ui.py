@@ -207,8 +207,9 @@ def api_endpoints(app: LiveApp) -> None:
     """Plain request/response endpoints (never superseded), each returning a PNG carrying its parameters.
 
     Their inputs are their own, bounded as request.py bounds a request (the page's sliders follow the serving model
-    and its cost cap; the live loop refuses a request over the cap, saying why). Each call takes one of
-    API_CONCURRENCY places in the live loop; more wait in the app, never in Gradio's queue.
+    and its cost cap; the live loop refuses a request over the cap, saying why). Each call takes one
+    of the app's one-shot places in the live loop (at least API_CONCURRENCY, a full batch where the loop batches more);
+    more wait in the app, never in Gradio's queue.
     """
 
     def whole(value, low, high, name):

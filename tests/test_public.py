@@ -22,7 +22,7 @@ import pytest
 from gradio_client import Client
 from hostile_inputs import QueueSession, error_text, output_file
 
-from lcm_live.handlers import API_CONCURRENCY, largest_side
+from lcm_live.handlers import largest_side
 from lcm_live.models import ModelRefused
 from lcm_live.pngmeta import A1111_KEY, KEY
 from lcm_live.request import MAX_SIZE, MAX_STEPS, MIN_SIZE
@@ -429,7 +429,7 @@ def test_a_request_whose_client_left_is_stopped(live_server):
 def test_a_request_whose_client_left_before_its_turn_never_runs(live_server):
     url, app = live_server
     with slow_unet(app, 0.1) as seen:
-        addresses = [f"192.0.2.{10 + i}" for i in range(API_CONCURRENCY)]
+        addresses = [f"192.0.2.{10 + i}" for i in range(app.gate.places)]
         blockers = [Call(url, "txt2img", ["block", "", 8, 1.0, i, 64, 64], a) for i, a in enumerate(addresses)]
         wait_until(lambda: all(app.gate.held(a) for a in addresses) and seen, what="the blockers took every place")
         leaver = Call(url, "txt2img", ["leaver", "", 4, 1.0, 0, 96, 64], "192.0.2.20")

@@ -161,3 +161,79 @@ def _ms(seconds: float | None) -> float | None:
 
 def _s(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
+
+
+def through_app(count: int, seconds: float, max_batch: int, warmup_s: float = 3.0, steps: int = 2,
+                threads: int | None = None) -> dict:  # fmt: skip
+    """`count` gradio_client sessions streaming frames back to back into a real app started as its own process
+    (`python app.py --preset demo --max-batch N`), through the API's `/webcam_frame`, each as a visitor of its own
+    address (forwarded by a proxy on this machine, which the app trusts by default)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from gradio_client import Client, handle_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    command = [sys.executable, "app.py", "--preset", "demo", "--offline", "--port", str(port), "--max-batch",
+               str(max_batch), "--queue-size", "1024", "--session-jobs", "64", "--address-jobs", "1024"]  # fmt: skip
+    server = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = tempfile.mkdtemp(prefix="lcm-live-bench-")
+    frames = []
+    for i in range(count):
+        path = Path(folder, f"frame{i}.png")
+        webcam_frame(i).save(path)
+        frames.append(str(path))
+    try:
+        clients = _connect(f"http://127.0.0.1:{port}/", count, Client)
+        for index, client in enumerate(clients):  # one visitor each, as behind a reverse proxy
+            client.headers["X-Forwarded-For"] = f"198.51.100.{index + 1}"
+        done: list[list[tuple[float, float]]] = [[] for _ in range(count)]
+        stop = threading.Event()
+
+        def stream(index: int) -> None:
+            while not stop.is_set():
+                sent = time.perf_counter()
+                clients[index].predict(handle_file(frames[index]), "a yellow triangle on a purple background", 0.5,
+                                       steps, index, api_name="/webcam_frame")  # fmt: skip
+                done[index].append((time.perf_counter(), time.perf_counter() - sent))
+
+        workers = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(count)]
+        for worker in workers:
+            worker.start()
+        time.sleep(warmup_s)
+        begin = time.perf_counter()
+        time.sleep(seconds)
+        end = time.perf_counter()
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=60)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    per_session = [sum(begin <= t < end for t, _ in log) / seconds for log in done]
+    latencies = [lat for log in done for t, lat in log if begin <= t < end]
+    return dict(streams=count, max_batch=max_batch, fps=round(sum(per_session), 2),
+                fps_min=round(min(per_session), 2), fps_max=round(max(per_session), 2),
+                latency_p50_ms=_ms(percentile(latencies, 50)), latency_p95_ms=_ms(percentile(latencies, 95)))  # fmt: skip
+
+
+def _connect(url: str, count: int, client_class, timeout: float = 120.0) -> list:
+    """`count` clients of the app at `url`, once it answers."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        try:
+            return [client_class(url, verbose=False) for _ in range(count)]
+        except Exception:  # not up yet
+            if time.perf_counter() > deadline:
+                raise
+            time.sleep(0.5)

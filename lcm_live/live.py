@@ -132,6 +132,7 @@ class LiveLoop:
         self._order: dict[str, float] = {}  # slot -> send time of its newest job, when the caller knows it
         self._previews: dict[str, tuple[int, Any, dict]] = {}  # slot -> (seq, latents, params) of its last preview
         self._touched: dict[str, float] = {}  # slot -> when it last submitted (its bookkeeping expires)
+        self._addresses: dict[str, str] = {}  # slot -> the address it last came from (its fair share expires too)
         self._cond = threading.Condition()
         self._closed = False
         self._worker = threading.Thread(target=self._serve, name="lcm-live-worker", daemon=True)
@@ -162,6 +163,8 @@ class LiveLoop:
             now = time.perf_counter()
             self._expire(now)
             self._touched[slot] = now
+            if address is not None:
+                self._addresses[slot] = address
             if order is not None:
                 if order < self._order.get(slot, float("-inf")):
                     late = Job(slot, requests, self._seq.get(slot, 0), address)
@@ -222,9 +225,11 @@ class LiveLoop:
     def _drop_tables(self, slot: str) -> None:
         for table in (self._seq, self._order, self._previews, self._touched, self._delivered):
             table.pop(slot, None)
-        session = session_of(slot)
+        session, address = session_of(slot), self._addresses.pop(slot, None)
         if not any(session_of(s) == session for s in self._touched):
             self._fair.forget([session])
+        if address is not None and address not in self._addresses.values():
+            self._fair.forget([address])
 
     async def run(self, slot: str, requests, order: float | None = None, address: str | None = None,
                   preempt: bool = True) -> Outcome | str:  # fmt: skip
@@ -274,7 +279,7 @@ class LiveLoop:
     def tables_size(self) -> int:
         """Entries in the per-slot and per-visitor bookkeeping (tests check it does not grow forever)."""
         with self._cond:
-            tables = (self._seq, self._order, self._previews, self._touched, self._delivered)
+            tables = (self._seq, self._order, self._previews, self._touched, self._delivered, self._addresses)
             return sum(map(len, tables)) + len(self._fair)
 
     def close(self) -> None:

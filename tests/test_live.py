@@ -169,8 +169,8 @@ def test_one_visitor_cannot_queue_more_than_its_share():
 def test_bookkeeping_of_silent_slots_expires():
     loop = LiveLoop(FakeEngine(step_s=0.001), Limits(idle_forget_s=0.05))
     try:
-        for i in range(20):
-            loop.run_sync(f"session{i}:txt2img", generate(f"p{i}", steps=1), timeout=5)
+        for i in range(20):  # twenty visitors, each from an address of its own
+            loop.run_sync(f"session{i}:txt2img", generate(f"p{i}", steps=1), timeout=5, address=f"10.0.0.{i}")
         time.sleep(0.1)
         loop.run_sync("last:txt2img", generate("last", steps=1), timeout=5)
         assert loop.tables_size() <= 4  # the last slot's own: sequence, last seen, last delivered, its fair share

@@ -282,6 +282,12 @@ def cmd_serve(args) -> dict:
         row = serve.typists(engine, args.typists, max_batch, text=serve.TYPED[: 8 if args.smoke else 28])
         typing_rows.append(dict(batching=mode, **row))
         print(f"typists batching {mode}: {row}", flush=True)
+    app_rows = []
+    for count in [int(n) for n in args.app_streams.split(",") if n]:
+        for mode, max_batch in modes:
+            row = serve.through_app(count, args.seconds, max_batch, warmup_s=max(args.warmup, 2.0))
+            app_rows.append(dict(batching=mode, **row))
+            print(f"through the app, {count} streams, batching {mode}: {row}", flush=True)
     model_s = serve.model_time(engine)
     alone_rows = []
     events = live.typed(core.PROMPT[: 12 if args.smoke else 40], 8)
@@ -303,16 +309,24 @@ def cmd_serve(args) -> dict:
     typing_body = [[r["typists"], r["batching"], f"{r['latency_p50_s']} / {r['latency_p95_s']}", r["latency_max_s"],
                     f"{r['finals_correct']}/{r['typists']}", r["stale_shown"], r["mean_batch"]]
                    for r in typing_rows]  # fmt: skip
+    app_one = {r["batching"]: r["fps"] for r in app_rows if r["streams"] == min(r["streams"] for r in app_rows)}
+    app_header = ["streams through the app", "batching", "frames/s (all)", "x fewest streams", "per session min / max",
+                  "latency p50 / p95 (ms)"]  # fmt: skip
+    app_body = [[r["streams"], r["batching"], r["fps"], round(r["fps"] / app_one[r["batching"]], 2)
+                 if app_one.get(r["batching"]) else "", f"{r['fps_min']} / {r['fps_max']}",
+                 f"{r['latency_p50_ms']} / {r['latency_p95_ms']}"] for r in app_rows]  # fmt: skip
     alone_header = ["one session typing", "batching", "last key -> final image median / p95 (T)", "stale shown"]
     alone_body = [[f"T = {r['T_s'] * 1e3:.0f} ms", r["batching"], f"{r['latency_T_median']} / {r['latency_T_p95']}",
                    r["stale_shown"]] for r in alone_rows]  # fmt: skip
     device = core.device_name(engine.runtime.device)
     title = f"serve: {engine.spec.name}, {engine.runtime.label}, {device}, max batch {args.max_batch}"
     markdown = (f"### {title}\n\nWebcam-style streams (img2img, 2 steps at strength 0.5, a frame every "
-                f"{args.frame_interval * 1e3:g} ms, newest kept; {args.seconds:g} s each):\n\n{table(header, body)}\n{table(typing_header, typing_body)}\n"
-                f"{table(alone_header, alone_body)}")  # fmt: skip
+                f"{args.frame_interval * 1e3:g} ms, newest kept; {args.seconds:g} s each):\n\n{table(header, body)}\n"
+                f"Through the app (`python app.py --preset demo`, its own process; gradio_client sessions calling "
+                f"/webcam_frame back to back, one address each):\n\n{table(app_header, app_body)}\n"
+                f"{table(typing_header, typing_body)}\n{table(alone_header, alone_body)}")  # fmt: skip
     data = dict(model=engine.spec.name, runtime=engine.runtime.label, device=device, max_batch=args.max_batch,
-                seconds=args.seconds, streams=stream_rows, typists=typing_rows, alone=alone_rows)  # fmt: skip
+                seconds=args.seconds, streams=stream_rows, app=app_rows, typists=typing_rows, alone=alone_rows)  # fmt: skip
     return _save(args, "serve", data, markdown)
 
 
@@ -378,6 +392,7 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--seconds", type=float, default=6.0, help="measured seconds per stream case")
     sv.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring, per case")
     sv.add_argument("--frame-interval", type=float, default=0.02, help="seconds between a stream's frames")
+    sv.add_argument("--app-streams", default="1,8", help="stream counts through the launched app ('' skips it)")
     sv.add_argument("--typists", type=int, default=20)
     sv.add_argument("--max-batch", type=int, default=8, help="rows per UNet call with batching on")
     s = sub.add_parser("sweep", parents=[common], help="1..8 steps, seed 1337, as one grid image")
@@ -410,7 +425,7 @@ def main(argv=None) -> dict:
         if args.command == "live":
             args.step_ms, args.decode_ms = 100.0, 20.0
         if args.command == "serve":
-            args.streams, args.seconds, args.warmup, args.typists = "1,2", 1.0, 0.3, 2
+            args.streams, args.seconds, args.warmup, args.typists, args.app_streams = "1,2", 1.0, 0.3, 2, ""
     with core.threads(args.threads), torch.inference_mode(False):
         return {"engine": cmd_engine, "compare": cmd_compare, "live": cmd_live, "table": cmd_table,
                 "sweep": cmd_sweep, "serve": cmd_serve, "replicas": cmd_replicas}[args.command](args)  # fmt: skip

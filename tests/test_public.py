@@ -417,24 +417,25 @@ def test_another_visitor_is_not_queued_behind_a_burst(live_server):
 # ---------------------------------------------------------------------------------------------------- clients that leave
 def test_a_request_whose_client_left_is_stopped(live_server):
     url, app = live_server
-    with slow_unet(app, 0.3) as seen:
+    with slow_unet(app, 0.5) as seen:
         call = Call(url, "txt2img", ["left", "", 6, 1.0, 0, 80, 64], "192.0.2.1")
         wait_until(lambda: seen.count(latent(app, 80, 64)) >= 2, what="the request started")
         call.leave()
-        time.sleep(3.0)
+        time.sleep(3.5)
         ran = seen.count(latent(app, 80, 64))
     assert ran < 6, ran  # stopped at a step boundary, not run to its end
 
 
 def test_a_request_whose_client_left_before_its_turn_never_runs(live_server):
     url, app = live_server
-    with slow_unet(app, 0.1) as seen:
+    with slow_unet(app, 0.3) as seen:  # the blockers' 8 steps take 2.4 s or more: time to see the leaver go
         addresses = [f"192.0.2.{10 + i}" for i in range(app.gate.places)]
         blockers = [Call(url, "txt2img", ["block", "", 8, 1.0, i, 64, 64], a) for i, a in enumerate(addresses)]
         wait_until(lambda: all(app.gate.held(a) for a in addresses) and seen, what="the blockers took every place")
         leaver = Call(url, "txt2img", ["leaver", "", 4, 1.0, 0, 96, 64], "192.0.2.20")
-        time.sleep(0.3)
+        wait_until(lambda: app.gate.held("192.0.2.20") == 1, what="the leaver waits for a place")
         leaver.leave()
+        wait_until(lambda: app.gate.held("192.0.2.20") == 0, what="the leaver's call was dropped")
         results = [blocker.result() for blocker in blockers]
         time.sleep(1.0)
     assert all(kind == "complete" for kind, _ in results), results

@@ -269,7 +269,7 @@ def cmd_serve(args) -> dict:
     from . import live, serve
 
     engine = core.make_engine(args.arch, _runtime(args), taesd=args.arch not in ("embedded", SMOKE_ARCH))
-    counts = [int(n) for n in args.streams.split(",")]
+    counts = [int(n) for n in args.streams.split(",") if n]
     modes = [("on", args.max_batch), ("off", 1)]
     stream_rows = []
     for count in counts:
@@ -278,19 +278,21 @@ def cmd_serve(args) -> dict:
             stream_rows.append(dict(batching=mode, **row))
             print(f"streams {count} batching {mode}: {row}", flush=True)
     typing_rows = []
-    for mode, max_batch in modes:
+    for mode, max_batch in modes if args.typists else []:
         row = serve.typists(engine, args.typists, max_batch, text=serve.TYPED[: 8 if args.smoke else 28])
         typing_rows.append(dict(batching=mode, **row))
         print(f"typists batching {mode}: {row}", flush=True)
     app_rows = []
     for count in [int(n) for n in args.app_streams.split(",") if n]:
         for mode, max_batch in modes:
-            row = serve.through_app(count, args.seconds, max_batch, warmup_s=max(args.warmup, 2.0))
+            row = serve.through_app(count, args.seconds, max_batch, warmup_s=max(args.warmup, 2.0), threads=args.threads)
             app_rows.append(dict(batching=mode, **row))
             print(f"through the app, {count} streams, batching {mode}: {row}", flush=True)
     model_s = serve.model_time(engine)
     alone_rows = []
-    events = live.typed(core.PROMPT[: 12 if args.smoke else 40], 8)
+    # bursts of 2 words at 8 keys/s, each followed by a pause: one latency per burst, the median over them
+    text = core.PROMPT[: 20 if args.smoke else 75]
+    events = live.bursts_and_pauses(text, 8, max(4 * model_s, 0.5), words_per_burst=1 if args.smoke else 2)
     for mode, max_batch in modes:
         policy = partial(live.LiveLoopPolicy, max_batch=max_batch)
         policy.name = f"LiveLoop, batching {mode}"
@@ -298,8 +300,8 @@ def cmd_serve(args) -> dict:
         row = live.replay(policy, engine, counter, events, 1.0, model_s, 4, gap_s=model_s)
         counter.remove()
         alone_rows.append(dict(batching=mode, T_s=round(model_s, 4), **row))
-    one = {r["batching"]: r["fps"] for r in stream_rows if r["streams"] == counts[0]}
-    header = ["streams", "batching", "frames/s (all)", f"x {counts[0]} stream(s)", "per session min / max",
+    one = {r["batching"]: r["fps"] for r in stream_rows if counts and r["streams"] == counts[0]}
+    header = ["streams", "batching", "frames/s (all)", f"x {counts[0] if counts else 1} stream(s)", "per session min / max",
               "latency p50 / p95 (ms)", "mean batch"]  # fmt: skip
     body = [[r["streams"], r["batching"], r["fps"], round(r["fps"] / one[r["batching"]], 2) if one.get(r["batching"])
              else "", f"{r['fps_min']} / {r['fps_max']}", f"{r['latency_p50_ms']} / {r['latency_p95_ms']}",
@@ -315,14 +317,15 @@ def cmd_serve(args) -> dict:
     app_body = [[r["streams"], r["batching"], r["fps"], round(r["fps"] / app_one[r["batching"]], 2)
                  if app_one.get(r["batching"]) else "", f"{r['fps_min']} / {r['fps_max']}",
                  f"{r['latency_p50_ms']} / {r['latency_p95_ms']}"] for r in app_rows]  # fmt: skip
-    alone_header = ["one session typing", "batching", "last key -> final image median / p95 (T)", "stale shown"]
-    alone_body = [[f"T = {r['T_s'] * 1e3:.0f} ms", r["batching"], f"{r['latency_T_median']} / {r['latency_T_p95']}",
+    alone_header = ["one session typing", "batching", "bursts", "last key -> final image median / p95 (T)",
+                    "stale shown"]  # fmt: skip
+    alone_body = [[f"T = {r['T_s'] * 1e3:.0f} ms", r["batching"], r["settled"], f"{r['latency_T_median']} / {r['latency_T_p95']}",
                    r["stale_shown"]] for r in alone_rows]  # fmt: skip
     device = core.device_name(engine.runtime.device)
     title = f"serve: {engine.spec.name}, {engine.runtime.label}, {device}, max batch {args.max_batch}"
     markdown = (f"### {title}\n\nWebcam-style streams (img2img, 2 steps at strength 0.5, a frame every "
                 f"{args.frame_interval * 1e3:g} ms, newest kept; {args.seconds:g} s each):\n\n{table(header, body)}\n"
-                f"Through the app (`python app.py --preset demo`, its own process; gradio_client sessions calling "
+                f"Through the app (`python app.py --preset demo`, its own process; page-like raw-HTTP sessions calling "
                 f"/webcam_frame back to back, one address each):\n\n{table(app_header, app_body)}\n"
                 f"{table(typing_header, typing_body)}\n{table(alone_header, alone_body)}")  # fmt: skip
     data = dict(model=engine.spec.name, runtime=engine.runtime.label, device=device, max_batch=args.max_batch,

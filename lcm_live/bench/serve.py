@@ -165,17 +165,19 @@ def _s(seconds: float | None) -> float | None:
 
 def through_app(count: int, seconds: float, max_batch: int, warmup_s: float = 3.0, steps: int = 2,
                 threads: int | None = None) -> dict:  # fmt: skip
-    """`count` gradio_client sessions streaming frames back to back into a real app started as its own process
+    """`count` sessions streaming frames back to back into a real app started as its own process
     (`python app.py --preset demo --max-batch N`), through the API's `/webcam_frame`, each as a visitor of its own
-    address (forwarded by a proxy on this machine, which the app trusts by default)."""
+    address (forwarded by a proxy on this machine, which the app trusts by default). Each session is a page-like
+    raw-HTTP client (`page_client.QueueSession`): per frame it uploads the PNG, joins the event, reads the result
+    off its SSE stream and fetches the output image."""
+    import io
     import os
     import socket
     import subprocess
     import sys
-    import tempfile
     from pathlib import Path
 
-    from gradio_client import Client, handle_file
+    from .page_client import QueueSession, error_text, output_file
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -187,24 +189,33 @@ def through_app(count: int, seconds: float, max_batch: int, warmup_s: float = 3.
     command = [sys.executable, "app.py", "--preset", "demo", "--offline", "--port", str(port), "--max-batch",
                str(max_batch), "--queue-size", "1024", "--session-jobs", "64", "--address-jobs", "1024"]  # fmt: skip
     server = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    folder = tempfile.mkdtemp(prefix="lcm-live-bench-")
     frames = []
     for i in range(count):
-        path = Path(folder, f"frame{i}.png")
-        webcam_frame(i).save(path)
-        frames.append(str(path))
+        buffer = io.BytesIO()
+        webcam_frame(i).save(buffer, format="PNG")
+        frames.append(buffer.getvalue())
+    url = f"http://127.0.0.1:{port}/"
+    sessions = []
     try:
-        clients = _connect(f"http://127.0.0.1:{port}/", count, Client)
-        for index, client in enumerate(clients):  # one visitor each, as behind a reverse proxy
-            client.headers["X-Forwarded-For"] = f"198.51.100.{index + 1}"
+        _wait_for(url)
+        # one visitor each, as behind a reverse proxy
+        sessions = [QueueSession(url, address=f"198.51.100.{i + 1}") for i in range(count)]
         done: list[list[tuple[float, float]]] = [[] for _ in range(count)]
+        failures: list[str] = []
         stop = threading.Event()
 
         def stream(index: int) -> None:
+            session = sessions[index]
             while not stop.is_set():
                 sent = time.perf_counter()
-                clients[index].predict(handle_file(frames[index]), "a yellow triangle on a purple background", 0.5,
-                                       steps, index, api_name="/webcam_frame")  # fmt: skip
+                frame = session.upload(f"frame{index}.png", frames[index])
+                message = session.call("webcam_frame", [frame, "a yellow triangle on a purple background", 0.5,
+                                                        steps, index])  # fmt: skip
+                image = output_file(message)
+                if image is None:
+                    failures.append(error_text(message) or "no image")
+                    continue
+                session.fetch(image)
                 done[index].append((time.perf_counter(), time.perf_counter() - sent))
 
         workers = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(count)]
@@ -218,8 +229,12 @@ def through_app(count: int, seconds: float, max_batch: int, warmup_s: float = 3.
         for worker in workers:
             worker.join(timeout=60)
     finally:
+        for session in sessions:
+            session.close()
         server.terminate()
         server.wait(timeout=30)
+    if failures:
+        raise RuntimeError(f"{len(failures)} frames failed through the app, e.g. {failures[0]}")
     per_session = [sum(begin <= t < end for t, _ in log) / seconds for log in done]
     latencies = [lat for log in done for t, lat in log if begin <= t < end]
     return dict(streams=count, max_batch=max_batch, fps=round(sum(per_session), 2),
@@ -227,13 +242,17 @@ def through_app(count: int, seconds: float, max_batch: int, warmup_s: float = 3.
                 latency_p50_ms=_ms(percentile(latencies, 50)), latency_p95_ms=_ms(percentile(latencies, 95)))  # fmt: skip
 
 
-def _connect(url: str, count: int, client_class, timeout: float = 120.0) -> list:
-    """`count` clients of the app at `url`, once it answers."""
+def _wait_for(url: str, timeout: float = 120.0) -> None:
+    """Return once the app at `url` answers."""
+    import httpx
+
     deadline = time.perf_counter() + timeout
     while True:
         try:
-            return [client_class(url, verbose=False) for _ in range(count)]
-        except Exception:  # not up yet
-            if time.perf_counter() > deadline:
-                raise
-            time.sleep(0.5)
+            if httpx.get(url + "config", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"the app at {url} did not answer in {timeout:.0f} s")
+        time.sleep(0.5)

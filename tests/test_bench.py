@@ -31,6 +31,14 @@ def test_engine(tmp_path):
     assert (tmp_path / "engine.png").exists()
 
 
+def test_engine_samples_as_a_presets_recipe(tmp_path):
+    data = run(tmp_path, "engine", "--recipe", "hyper-sd15-2step", "--decoder", "tiny")
+    assert (data["recipe"], data["steps"]) == ("ddim-trailing", 2)  # the preset's scheduler and default steps
+    assert all(len(row["step_ms"]) == (2 if row["mode"] == "txt2img" else 1) for row in data["rows"])
+    with pytest.raises(SystemExit, match="Unknown preset 'nope'"):
+        run(tmp_path, "engine", "--recipe", "nope")
+
+
 def test_compare(tmp_path):
     data = run(tmp_path, "compare")
     assert data["ratio"] > 0

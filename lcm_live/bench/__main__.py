@@ -43,15 +43,19 @@ def cmd_engine(args) -> dict:
     from ..request import Request
 
     runtime = _runtime(args)
-    engine = core.make_engine(args.arch, runtime, taesd=True, model=args.model)
+    recipe = _recipe(args.recipe)
+    engine = core.make_engine(args.arch, runtime, taesd=True, model=args.model, recipe=recipe)
     size = args.size or engine.native_size
+    steps = args.steps or (recipe.steps if recipe else 4)
+    guidance = recipe.guidance_scale if recipe else 1.0
     decoders = ["tiny", "full"] if args.decoder == "both" else [args.decoder]
     init = Image.new("RGB", (size, size), (120, 90, 60))
     rows = []
     for mode in ("txt2img", "img2img"):
         for decoder in decoders:
-            request = Request(prompt=core.PROMPT, steps=args.steps, width=size, height=size, decoder=decoder,
-                              image=init if mode == "img2img" else None, strength=args.strength)  # fmt: skip
+            request = Request(prompt=core.PROMPT, steps=steps, guidance_scale=guidance, width=size, height=size,
+                              decoder=decoder, image=init if mode == "img2img" else None,
+                              strength=args.strength)  # fmt: skip
             stats = core.time_request(engine, request, repeats=args.repeats)
             rows.append({**stats, "mode": mode, "decoder": "TAESD" if decoder == "tiny" else "VAE"})
     device = core.device_name(runtime.device)
@@ -59,12 +63,23 @@ def cmd_engine(args) -> dict:
               "total, prompt cached (ms)", "peak memory (MiB)"]  # fmt: skip
     body = [[r["mode"], r["decoder"], r["text_ms"], " / ".join(f"{s:.0f}" for s in r["step_ms"]), r["decode_ms"],
              r["total_ms"], r["total_cached_text_ms"], r["peak_memory_mb"]] for r in rows]  # fmt: skip
-    title = f"engine: {engine.spec.name}, {size}x{size}, {args.steps} steps, {runtime.label}, {device}"
+    title = f"engine: {engine.spec.name}, {size}x{size}, {steps} steps, {runtime.label}, {device}"
     bar_chart(Path(args.out) / "engine.png", title,
               [(f"{r['mode']} {r['decoder']}", _stages(r)) for r in rows])  # fmt: skip
-    data = dict(arch=args.arch, model=args.model, size=size, steps=args.steps, runtime=runtime.label, device=device,
-                rows=rows)  # fmt: skip
+    data = dict(arch=args.arch, model=args.model, recipe=recipe.name if recipe else None, size=size, steps=steps,
+                guidance_scale=guidance, runtime=runtime.label, device=device, rows=rows)  # fmt: skip
     return _save(args, "engine", data, f"### {title}\n\n{table(header, body)}")
+
+
+def _recipe(preset: str | None):
+    """The sampling recipe of preset `preset` (None: LCM, the engine's default)."""
+    if preset is None:
+        return None
+    from ..presets import PRESETS
+
+    if preset not in PRESETS:
+        raise SystemExit(f"Unknown preset {preset!r}; use one of {', '.join(PRESETS)}.")
+    return PRESETS[preset].recipe
 
 
 def _stages(row: dict) -> list[tuple[str, float]]:
@@ -373,7 +388,9 @@ def parser() -> argparse.ArgumentParser:
     archs = ["sd15", "sdxl", "tiny-sd15", "tiny-sdxl", "embedded"]
     e = sub.add_parser("engine", parents=[common], help="per-stage times, txt2img and img2img")
     e.add_argument("--arch", default="sd15", choices=archs)
-    e.add_argument("--steps", type=int, default=4)
+    e.add_argument("--steps", type=int, default=None, help="default: the recipe's steps (LCM: 4)")
+    e.add_argument("--recipe", default=None, metavar="PRESET",
+                   help="sample as this preset does (its scheduler, settings, steps, guidance); weights stay random")
     e.add_argument("--strength", type=float, default=0.5)
     e.add_argument("--decoder", default="both", choices=["both", "tiny", "full"])
     c = sub.add_parser("compare", parents=[common], help="the LCM-LoRA blog's code path vs lcm-live's, A/B/A/B")

@@ -56,8 +56,10 @@ def random_taesd(runtime: Runtime):
     return tiny.eval()
 
 
-def make_engine(arch: str, runtime: Runtime, taesd: bool = True, model: str | None = None, seed: int = 0) -> Engine:
-    """An Engine on `arch` with random weights (or on `model`, a hub id or folder, when given)."""
+def make_engine(arch: str, runtime: Runtime, taesd: bool = True, model: str | None = None, seed: int = 0,
+                recipe=None) -> Engine:  # fmt: skip
+    """An Engine on `arch` with random weights (or on `model`, a hub id or folder, when given); `recipe` (a
+    presets.Recipe) sets the random-weight engine's scheduler, its settings and defaults (default: LCM)."""
     if model or arch == "embedded":
         if model:
             spec = ModelSpec(model, None)
@@ -74,12 +76,15 @@ def make_engine(arch: str, runtime: Runtime, taesd: bool = True, model: str | No
     with torch.device(runtime.device), default_dtype(runtime.dtype):  # SDXL in fp32 would need 14 GB
         pipe = build_pipeline(arch, seed=seed, dtype=runtime.dtype)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    if recipe is not None:
+        pipe.scheduler = recipe.make_scheduler(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if runtime.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     info = ARCHITECTURES[arch]
-    spec = ModelSpec(f"random-weights:{arch}", None, info.native_size, f"{arch} (random weights)")
+    label = f"{arch} (random weights)" + (f", {recipe.name}" if recipe is not None else "")
+    spec = ModelSpec(f"random-weights:{arch}", None, info.native_size, label, **({"recipe": recipe} if recipe else {}))
     return Engine(pipe, spec, runtime, info.family, random_taesd(runtime) if taesd else None)
 
 

@@ -34,6 +34,7 @@ from .live import SUPERSEDED, Job, Outcome
 from .presets import ModelSpec
 from .request import GenerationError
 from .settings import Settings, replica_range
+from .text import markdown_text, public_text
 
 
 APP_NAME = "lcm-live"
@@ -367,7 +368,8 @@ class RemoteManager:
     def status_markdown(self) -> str:
         """What serves, how many replicas, and each replica's load progress or error."""
         info = self.loop.info
-        lines = [f"**Model:** {info['model']} · {info['runtime']} · {info['decoder']}"]
+        lines = [f"**Model:** {markdown_text(public_text(info['model']))} · {markdown_text(info['runtime'])} · "
+                 f"{markdown_text(info['decoder'])}"]  # fmt: skip
         others = ", ".join(f"{n} {state.lower()}" for state, n in sorted(self.states.items()) if state != "RUNNING")
         scale = ""
         if self.deployment.settings is not None:
@@ -376,10 +378,11 @@ class RemoteManager:
         lines.append(f"**Replicas:** {self.serving} serving{', ' + others if others else ''}{scale}")
         for report in self.replicas:
             if report.get("loading"):
-                lines.append(f"Replica {report['replica']}: loading **{report['loading']}**: {report['message']} "
-                             f"({report['fraction']:.0%})")  # fmt: skip
+                lines.append(f"Replica {report['replica']}: loading **{markdown_text(public_text(report['loading']))}**: "
+                             f"{markdown_text(public_text(report['message']))} ({report['fraction']:.0%})")  # fmt: skip
             elif report.get("error"):
-                lines.append(f"Replica {report['replica']}: **could not load the requested model.** {report['error']}")
+                lines.append(f"Replica {report['replica']}: **could not load the requested model.** "
+                             f"{markdown_text(public_text(report['error']))}")  # fmt: skip
         if info.get("embedded"):
             lines.append("Serving the **embedded demo model**: a tiny model trained on simple shapes: try *a yellow "
                          "triangle on a purple background*.")  # fmt: skip

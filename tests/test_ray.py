@@ -171,6 +171,22 @@ def test_results_leave_a_replica_without_tensors_and_name_it():
     assert [r.latents for r in many.result] == [None, None]
 
 
+def test_the_replica_status_line_shows_names_and_errors_as_text():
+    pytest.importorskip("ray")
+    from lcm_live.replicas import Deployment, RemoteManager
+
+    manager = RemoteManager.__new__(RemoteManager)  # no Ray: only the status line is read
+    markup = '<img src="https://example.com/x.png"> [link](https://example.com) /srv/models/private'
+    info = dict(model=markup, runtime="cpu float32", decoder="full VAE", embedded=False)
+    manager.loop, manager.deployment = SimpleNamespace(info=info), Deployment(settings=None)
+    manager.states = {"RUNNING": 2}
+    manager.replicas = [dict(replica="r1", loading=markup, message=markup, fraction=0.5),
+                        dict(replica="r2", error=f"Could not load {markup}")]  # fmt: skip
+    status = manager.status_markdown()
+    assert "<img" not in status and "](" not in status and "/srv/models" not in status, status
+    assert "&lt;img" in status and status.count("&lt;img") == 4
+
+
 def test_sessions_of_slots():
     pytest.importorskip("ray")
     from lcm_live.replicas import session_of

@@ -30,11 +30,10 @@ from lcm_live.bench.core import (  # noqa: E402
     make_engine,
     stage_flops,
     standard_call,
-    sync,
     time_request,
     timed,
 )
-from lcm_live.bench.fast import FastLCM  # noqa: E402
+from lcm_live.bench.fast import prepared  # noqa: E402
 from lcm_live.device import Runtime  # noqa: E402
 from lcm_live.request import Request  # noqa: E402
 
@@ -51,21 +50,9 @@ def log(message: str) -> None:
 
 
 def fast_numbers(engine, size: int, batch: int, mode: str, repeats: int, compile_mode: str | None = None) -> dict:
-    device = engine.runtime.device
-    fast = FastLCM(engine, batch=batch, width=size, height=size)
-    result = dict(batch=batch, mode=mode)
-    unet = engine.txt2img.unet
-    if compile_mode:
-        fast.unet = torch.compile(unet, mode=compile_mode, fullgraph=False)
-        start = time.perf_counter()
-        fast.run()
-        sync(device)
-        result["compile_s"] = round(time.perf_counter() - start, 1)
-    if mode == "graph" and device.startswith("cuda"):
-        start = time.perf_counter()
-        fast.capture()
-        result["capture_s"] = round(time.perf_counter() - start, 2)
-    seconds = timed(fast.run, repeats, device)
+    fast, setup = prepared(engine, size, batch, mode, compile_mode)
+    result = dict(batch=batch, mode=mode, **setup)
+    seconds = timed(fast.run, repeats, engine.runtime.device)
     result.update(latency_ms=round(seconds * 1e3, 2), images_per_s=round(batch / seconds, 1))
     return result
 

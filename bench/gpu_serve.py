@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lcm_live.bench import serve  # noqa: E402
 from lcm_live.bench.core import PROMPT, device_name, make_engine, sync  # noqa: E402
-from lcm_live.bench.fast import FastLCM  # noqa: E402
+from lcm_live.bench.fast import prepared  # noqa: E402
 from lcm_live.device import Runtime  # noqa: E402
 from lcm_live.request import Request  # noqa: E402
 
@@ -64,22 +64,9 @@ def engine_batch(engine, requests: list[Request]):
 
 
 def lean(engine, size: int, batch: int, mode: str, repeats: int, compile_mode: str | None = None) -> dict:
-    device = engine.runtime.device
-    fast = FastLCM(engine, batch=batch, width=size, height=size)
-    row = dict(batch=batch, mode=mode + (f" + compile ({compile_mode})" if compile_mode else ""))
-    if compile_mode:
-        fast.unet = torch.compile(engine.txt2img.unet, mode=compile_mode)
-        start = time.perf_counter()
-        fast.run()
-        sync(device)
-        row["compile_s"] = round(time.perf_counter() - start, 1)
-    if mode == "graph" and device.startswith("cuda"):
-        start = time.perf_counter()
-        fast.capture()
-        row["capture_s"] = round(time.perf_counter() - start, 2)
-    else:
-        fast.run()
-    ms = median_ms(fast.run, repeats, device)
+    fast, setup = prepared(engine, size, batch, mode, compile_mode)
+    row = dict(batch=batch, mode=mode + (f" + compile ({compile_mode})" if compile_mode else ""), **setup)
+    ms = median_ms(fast.run, repeats, engine.runtime.device)
     row.update(ms=ms, images_per_s=round(batch * 1e3 / ms, 1))
     return row
 

@@ -246,17 +246,16 @@ class LiveApp:
         return shown[0] if shown is not None else gr.skip()
 
     async def api_img2img(self, image, prompt="", strength=0.5, steps=4, seed=0, request: gr.Request = None):
-        if image is None:
-            raise gr.Error("No image was received: send one as `image`.", print_exception=False)
-        req = _img2img_request(image, prompt, strength, steps, seed)
-        shown = await self._generate(Visitor.of(request), "img2img", req, one_shot=True)
-        return shown[0] if shown is not None else gr.skip()
+        return await self._api_image("img2img", "image", image, prompt, strength, steps, seed, request)
 
     async def api_webcam_frame(self, image, prompt="", strength=0.5, steps=4, seed=0, request: gr.Request = None):
+        return await self._api_image("webcam", "frame", image, prompt, strength, steps, seed, request)
+
+    async def _api_image(self, tab: str, what: str, image, prompt, strength, steps, seed, request):
         if image is None:
-            raise gr.Error("No frame was received: send one as `image`.", print_exception=False)
+            raise gr.Error(f"No {what} was received: send one as `image`.", print_exception=False)
         req = _img2img_request(image, prompt, strength, steps, seed)
-        shown = await self._generate(Visitor.of(request), "webcam", req, one_shot=True)
+        shown = await self._generate(Visitor.of(request), tab, req, one_shot=True)
         return shown[0] if shown is not None else gr.skip()
 
     async def api_step_sweep(self, prompt, negative_prompt="", guidance_scale=1.0, seed=0, width=None, height=None,

@@ -75,8 +75,20 @@ def _seed(elem_id: str) -> gr.Number:
     return gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id=elem_id)
 
 
-def _strength(elem_id: str) -> gr.Slider:
-    return gr.Slider(MIN_STRENGTH, MAX_STRENGTH, 0.5, step=0.05, label="Strength", elem_id=elem_id)
+def _strength(elem_id: str, value: float = 0.5) -> gr.Slider:
+    return gr.Slider(MIN_STRENGTH, MAX_STRENGTH, value, step=0.05, label="Strength", elem_id=elem_id)
+
+
+def _image_controls(app: LiveApp, prompt_text: str, prefix: str, steps_key: str, strength: float = 0.5) -> list:
+    """[prompt, strength, steps, seed] of an image-to-image tab, their element ids starting with `prefix`."""
+    return [gr.Textbox(prompt_text, label="Prompt", lines=2, elem_id=f"{prefix}-prompt"),
+            _strength(f"{prefix}-strength", strength), _steps(app.defaults()[steps_key], f"{prefix}-steps"),
+            _seed(f"{prefix}-seed")]  # fmt: skip
+
+
+def _outputs(label: str, prefix: str) -> list:
+    """[image, HUD] of a live tab."""
+    return [_result(label, f"{prefix}-image", height=420), gr.Markdown(elem_id=f"{prefix}-hud", elem_classes="hud")]
 
 
 def _result(label: str, elem_id: str, **options) -> gr.Image:
@@ -125,17 +137,12 @@ def image_tab(app: LiveApp, prompt_text: str, live: dict) -> None:
                                  height=300)  # fmt: skip
             if examples():
                 gr.Examples(examples(), inputs=[source], label="Examples")
-            prompt = gr.Textbox(prompt_text, label="Prompt", lines=2, elem_id="i2i-prompt")
-            strength = _strength("i2i-strength")
-            steps = _steps(app.defaults()["image_steps"], "i2i-steps")
-            seed = _seed("i2i-seed")
+            inputs = [source, *_image_controls(app, prompt_text, "i2i", "image_steps")]
         with gr.Column():
-            image = _result("Result", "i2i-image", height=420)
-            hud = gr.Markdown(elem_id="i2i-hud", elem_classes="hud")
-    inputs = [source, prompt, strength, steps, seed]
-    gr.on([c.change for c in inputs], app.img2img, inputs, [image, hud], api_name="live_img2img",
+            outputs = _outputs("Result", "i2i")
+    gr.on([c.change for c in inputs], app.img2img, inputs, outputs, api_name="live_img2img",
           api_visibility="undocumented", **live).then(
-        app.settle_img2img, None, image, show_progress="hidden", api_visibility="private")  # fmt: skip
+        app.settle_img2img, None, outputs[0], show_progress="hidden", api_visibility="private")  # fmt: skip
 
 
 def webcam_tab(app: LiveApp, prompt_text: str) -> None:
@@ -148,15 +155,11 @@ def webcam_tab(app: LiveApp, prompt_text: str) -> None:
                                      webcam_options=gr.WebcamOptions(mirror=True, constraints={
                                          "video": {"width": {"ideal": 640}, "height": {"ideal": 480}}}),
                                      elem_id="cam-input")  # fmt: skip
-                prompt = gr.Textbox(prompt_text, label="Prompt", lines=2, elem_id="cam-prompt")
-                strength = _strength("cam-strength")
-                steps = _steps(app.defaults()["webcam_steps"], "cam-steps")
-                seed = _seed("cam-seed")
+                inputs = [camera, *_image_controls(app, prompt_text, "cam", "webcam_steps")]
             with gr.Column():
-                image = _result("Live output", "cam-image", height=420)
-                hud = gr.Markdown(elem_id="cam-hud", elem_classes="hud")
+                outputs = _outputs("Live output", "cam")
         gr.Markdown("Browsers grant the camera only on `localhost` or HTTPS pages.")
-    camera.stream(app.webcam, [camera, prompt, strength, steps, seed], [image, hud], stream_every=app.frame_interval(),
+    camera.stream(app.webcam, inputs, outputs, stream_every=app.frame_interval(),
                   time_limit=None, concurrency_limit=16, concurrency_id="webcam", show_progress="hidden",
                   api_name="live_webcam", api_visibility="undocumented")  # fmt: skip
 
@@ -170,16 +173,10 @@ def sketch_tab(app: LiveApp, prompt_text: str, live: dict) -> None:
                                   brush=gr.Brush(default_size=max(2, side // 24)), height=360,
                                   elem_id="sketch-canvas")  # fmt: skip
             clear = gr.Button("Clear", elem_id="sketch-clear")
-            prompt = gr.Textbox(prompt_text, label="Prompt", lines=2, elem_id="sketch-prompt")
-            strength = gr.Slider(MIN_STRENGTH, MAX_STRENGTH, 0.75, step=0.05, label="Strength",
-                                 elem_id="sketch-strength")  # fmt: skip
-            steps = _steps(app.defaults()["image_steps"], "sketch-steps")
-            seed = _seed("sketch-seed")
+            inputs = [canvas, *_image_controls(app, prompt_text, "sketch", "image_steps", strength=0.75)]
         with gr.Column():
-            image = _result("Result", "sketch-image", height=420)
-            hud = gr.Markdown(elem_id="sketch-hud", elem_classes="hud")
-    inputs = [canvas, prompt, strength, steps, seed]
-    gr.on([canvas.change, *(c.change for c in inputs[1:])], app.sketch, inputs, [image, hud], api_name="live_sketch",
+            outputs = _outputs("Result", "sketch")
+    gr.on([canvas.change, *(c.change for c in inputs[1:])], app.sketch, inputs, outputs, api_name="live_sketch",
           api_visibility="undocumented", **live)  # fmt: skip
     clear.click(lambda: None, None, canvas, show_progress="hidden", api_visibility="private")
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,31 +26,12 @@ import httpx
 
 
 HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(HERE))
+
+from lcm_live.bench.page_client import start_app  # noqa: E402
+
+
 SMALL = ["small", "", 4, 1.0, 0, 64, 64]  # B's request: /txt2img, 64x64, 4 steps
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_app(repo: Path, port: int, extra: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    command = [sys.executable, "app.py", "--preset", "demo", "--offline", "--port", str(port), *extra]
-    process = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/config", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None:
-            raise SystemExit(f"the app in {repo} exited with {process.returncode}")
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit("the app did not come up in 180 s")
 
 
 def call(url: str, endpoint: str, data: list, address: str) -> tuple[str, float, str]:
@@ -106,10 +85,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.repo, capture_output=True, text=True)
-    process = start_app(args.repo, port, args.app_args.split())
+    process, url = start_app(args.repo, args.app_args.split())
     try:
         for _ in range(3):  # warm-up: first calls compile kernels, load the tokenizer cache, ...
             call(url, "txt2img", SMALL, "203.0.113.3")

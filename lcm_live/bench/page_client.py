@@ -6,11 +6,40 @@ spends about 0.3 s of CPU per call, which on a small machine measures the client
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
+
+
+def start_app(repo: Path, extra: list[str], env: dict | None = None, timeout: float = 180.0):
+    """`python app.py --preset demo --offline` of the checkout at `repo`, on a free port, in its own process;
+    returns (process, url) once the app answers. SystemExit if it exits or does not answer in `timeout` s."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
+    command = [sys.executable, "app.py", "--preset", "demo", "--offline", "--port", str(port), *extra]
+    process = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "config", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            raise SystemExit(f"the app in {repo} exited with {process.returncode}")
+        time.sleep(0.5)
+    process.kill()
+    raise SystemExit(f"the app in {repo} did not answer in {timeout:.0f} s")
 
 
 class QueueSession:

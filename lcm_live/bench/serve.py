@@ -171,33 +171,20 @@ def through_app(count: int, seconds: float, max_batch: int, warmup_s: float = 3.
     raw-HTTP client (`page_client.QueueSession`): per frame it uploads the PNG, joins the event, reads the result
     off its SSE stream and fetches the output image."""
     import io
-    import os
-    import socket
-    import subprocess
-    import sys
     from pathlib import Path
 
-    from .page_client import QueueSession, error_text, output_file
+    from .page_client import QueueSession, error_text, output_file, start_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    command = [sys.executable, "app.py", "--preset", "demo", "--offline", "--port", str(port), "--max-batch",
-               str(max_batch), "--queue-size", "1024", "--session-jobs", "64", "--address-jobs", "1024"]  # fmt: skip
-    server = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    extra = ["--max-batch", str(max_batch), "--queue-size", "1024", "--session-jobs", "64", "--address-jobs", "1024"]
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else None
+    server, url = start_app(Path(__file__).resolve().parents[2], extra, env)
     frames = []
     for i in range(count):
         buffer = io.BytesIO()
         webcam_frame(i).save(buffer, format="PNG")
         frames.append(buffer.getvalue())
-    url = f"http://127.0.0.1:{port}/"
     sessions = []
     try:
-        _wait_for(url)
         # one visitor each, as behind a reverse proxy
         sessions = [QueueSession(url, address=f"198.51.100.{i + 1}") for i in range(count)]
         done: list[list[tuple[float, float]]] = [[] for _ in range(count)]
@@ -240,19 +227,3 @@ def through_app(count: int, seconds: float, max_batch: int, warmup_s: float = 3.
     return dict(streams=count, max_batch=max_batch, fps=round(sum(per_session), 2),
                 fps_min=round(min(per_session), 2), fps_max=round(max(per_session), 2),
                 latency_p50_ms=_ms(percentile(latencies, 50)), latency_p95_ms=_ms(percentile(latencies, 95)))  # fmt: skip
-
-
-def _wait_for(url: str, timeout: float = 120.0) -> None:
-    """Return once the app at `url` answers."""
-    import httpx
-
-    deadline = time.perf_counter() + timeout
-    while True:
-        try:
-            if httpx.get(url + "config", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.perf_counter() > deadline:
-            raise TimeoutError(f"the app at {url} did not answer in {timeout:.0f} s")
-        time.sleep(0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -11,6 +12,9 @@ import time
 from lcm_live.settings import Settings
 
 
+CACHE_RETENTION_S = 900  # uploads and outputs older than this are deleted (Blocks.delete_cache)
+UPLOAD_WINDOW_S = 600  # the window of --upload-quota
+MAX_FILES_PER_UPLOAD = 16  # files in one upload request (the page sends one)
 MAX_EVENTS = 256  # events in progress at once (Gradio's max_threads); more wait in the queue, up to --queue-size
 PRIVATE_NETWORKS = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"  # where a Space's own proxies live
 
@@ -85,26 +89,80 @@ def build_on_replicas(settings: Settings):
 
 def launch(settings: Settings, **options):
     """Build and start the server; `options` go to `Blocks.launch` (the tests pass prevent_thread_lock)."""
+    from starlette.middleware import Middleware
+
+    from lcm_live.connections import guarded_server
+    from lcm_live.guard import RequestGuard
     from lcm_live.ui import CSS
 
     demo, app = build(settings)
     proxies = trusted_proxies(settings)
     if proxies is not None:  # uvicorn reads it when Gradio starts the server, below
         os.environ["FORWARDED_ALLOW_IPS"] = proxies
+    # Every request is bounded before Gradio's routes see it; connections by the server's protocol (slowloris).
+    guard = Middleware(RequestGuard, bounds=request_bounds(settings), blocks=demo)
+    options["app_kwargs"] = {**options.get("app_kwargs", {}), "middleware": [guard]}
+    sweep_upload_folder(demo.delete_cache[1] if demo.delete_cache else CACHE_RETENTION_S)
     # Gradio runs at most `max_threads` events at once (40 by default), whatever the concurrency limits; a live
     # keystroke holds one until the loop answers it, so 20 people typing filled them and then the queue (503s).
     options.setdefault("max_threads", MAX_EVENTS)
     # show_error=False: visitors see the app's own messages (gr.Error), never an internal exception's text,
     # which can name server paths ("Cannot move /srv/app/x.png ..."); those go to the server log.
     try:
-        demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
-                    max_file_size=settings.max_file_size, show_error=False, css=CSS, **options)  # fmt: skip
+        with guarded_server(connection_limits(settings)):
+            demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
+                        max_file_size=settings.max_file_size, show_error=False, css=CSS, **options)  # fmt: skip
     except BaseException:
         close(app)  # nothing half-up: replicas started for this page go too
         raise
     if demo.delete_cache:
         start_cache_sweeper(demo, *demo.delete_cache)
     return demo, app
+
+
+def request_bounds(settings: Settings):
+    """What any one request may cost (lcm_live/guard.py), from the settings."""
+    from lcm_live.guard import Bounds
+    from lcm_live.request import MAX_TEXT_CHARS
+    from lcm_live.settings import byte_size
+
+    upload = byte_size(settings.max_file_size)
+    body = byte_size(settings.max_body_size) if settings.max_body_size else 4 * upload
+    waiting = min(max(8, settings.address_jobs), max(1, settings.queue_size // 4))  # the queue stays open to others
+    return Bounds(max_body=body, max_text_chars=MAX_TEXT_CHARS, upload_quota=byte_size(settings.upload_quota),
+                  upload_window_s=UPLOAD_WINDOW_S, max_files=MAX_FILES_PER_UPLOAD, address_events=waiting,
+                  verbose=settings.verbose)  # fmt: skip
+
+
+def connection_limits(settings: Settings):
+    """The server's connection bounds (lcm_live/connections.py); trusted proxies as uvicorn will read them."""
+    from lcm_live.connections import ConnectionLimits
+
+    trusted = os.environ.get("FORWARDED_ALLOW_IPS") or "127.0.0.1,::1"
+    return ConnectionLimits(settings.header_timeout, settings.address_connections, trusted)
+
+
+def sweep_upload_folder(age: float, folder: str | None = None) -> int:
+    """Delete files older than `age` seconds from Gradio's upload cache, whichever process wrote them; how many.
+
+    Gradio sweeps only the files its own process cached, so a process that crashed or was stopped left its
+    uploads behind for good."""
+    from gradio.utils import get_upload_folder
+
+    root, removed, now = folder or get_upload_folder(), 0, time.time()
+    for directory, _, names in os.walk(root, topdown=False):
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                if now - os.lstat(path).st_mtime > age:
+                    os.remove(path)
+                    removed += 1
+            except OSError:
+                continue
+        if directory != root:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)  # only when empty
+    return removed
 
 
 def close(app) -> None:

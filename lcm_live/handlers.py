@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 import gradio as gr
 from PIL import Image, ImageDraw
 
-from .inputs import InputError, clean_prompt, load_image
+from .inputs import ImageUpload, clean_prompt
 from .live import SUPERSEDED, Limits, LiveLoop, Outcome
 from .pngmeta import save_png
-from .request import MAX_SIZE, MIN_SIZE, MIN_STEPS, SIZE_STEP, GenerationError, Request, hud_line
+from .request import MAX_SIZE, MIN_SIZE, MIN_STEPS, SIZE_STEP, GenerationError, Request, RequestRefused, hud_line
 from .text import markdown_text, public_text, toast_text
-from .visitors import GONE, OneShotGate, Visitor, current_event, while_connected
+from .visitors import GONE, AddressShare, OneShotGate, Visitor, current_event, while_connected
 
 
 if TYPE_CHECKING:
@@ -37,6 +37,9 @@ SWEEP_STEPS = range(1, 9)
 API_CONCURRENCY = 4  # one-shot calls (API endpoints, step sweeps) in the live loop at once, at least; more wait
 # their turn. Where the loop batches more rows than this into one UNet call, a batch's worth may be in it.
 SETTLE_AFTER_S = 0.5  # input still this long: decode the last latents again with the full VAE
+DECODES_PER_ADDRESS = 4  # images one address may have being read at once; more are refused before decoding
+STREAMS_PER_ADDRESS = 2  # webcam streams one address may hold open at once (each holds a place in Gradio's queue)
+STREAM_IDLE_S = 20.0  # a webcam stream that sends no frame for this long is closed, freeing its place
 
 
 class OutputStore:
@@ -81,6 +84,44 @@ class RateMeter:
         return fps
 
 
+class StreamBook:
+    """Open webcam streams by address: at most `per_address` at once, each closed after `idle_s` without a frame.
+
+    A Gradio stream holds its place in the queue for as long as it is open, whether or not frames come; empty
+    frames cost nothing to send. Called on every frame of a stream (Gradio's event loop only)."""
+
+    def __init__(self, per_address: int, idle_s: float):
+        self.per_address, self.idle_s = per_address, idle_s
+        self._open: dict[str | None, dict[str, tuple[object, float]]] = {}  # address -> event id -> (event, last frame)
+
+    def frame(self, address: str | None, event, useful: bool) -> None:
+        """Note a frame of `event`'s stream; RequestRefused when the stream must close (a surplus or idle one)."""
+        if event is None:
+            return
+        now = time.monotonic()
+        streams = self._open.setdefault(address, {})
+        for key, (other, _) in list(streams.items()):  # streams that ended by themselves
+            if not getattr(other, "alive", False) or getattr(other, "closed", False):
+                del streams[key]
+        known = streams.get(event._id)
+        if known is None:
+            if address is not None and len(streams) >= self.per_address:
+                raise RequestRefused(
+                    f"Too many webcam streams from your address (at most {self.per_address}); close one first."
+                )
+            known = streams[event._id] = (event, now)
+        if useful:
+            streams[event._id] = (event, now)
+        elif now - known[1] > self.idle_s:
+            del streams[event._id]
+            raise RequestRefused(f"The webcam stream was closed: no frame for {self.idle_s:.0f} s.")
+        if not streams:
+            del self._open[address]
+
+    def count(self, address: str | None) -> int:
+        return len(self._open.get(address, {}))
+
+
 def hud_markdown(outcome: Outcome, fps: float, info: dict, warnings: list[str]) -> str:
     result = outcome.result
     line = markdown_text(hud_line(result.timings, outcome.wait_ms, fps, info["runtime"], public_text(info["model"])))
@@ -119,6 +160,18 @@ class LiveApp:
         self.rates = RateMeter()
         places = one_shot_places or max(API_CONCURRENCY, getattr(loop, "max_batch", 0))
         self.gate = OneShotGate(places, self.limits.address_jobs)
+        self.decodes = AddressShare(DECODES_PER_ADDRESS, "images being read")
+        self.streams = StreamBook(STREAMS_PER_ADDRESS, STREAM_IDLE_S)
+
+    async def _read_image(self, visitor: Visitor, image):
+        """A PIL image from what the image component passed on: decoded here, within the address's share."""
+        if not isinstance(image, ImageUpload):
+            return image
+        try:
+            with self.decodes.hold(visitor.address):
+                return await asyncio.to_thread(image.load)
+        except ValueError as error:  # InputError, RequestRefused
+            raise _error(error) from error
 
     # ------------------------------------------------------------------ running
     @contextmanager
@@ -177,30 +230,35 @@ class LiveApp:
     async def img2img(self, image, prompt, strength, steps, seed, request: gr.Request = None):
         if image is None:
             return gr.skip(), "Upload, paste or pick an image to start."
-        req = _img2img_request(image, prompt, strength, steps, seed)
-        shown = await self._generate(Visitor.of(request), "img2img", req)
+        visitor = Visitor.of(request)
+        req = _img2img_request(await self._read_image(visitor, image), prompt, strength, steps, seed)
+        shown = await self._generate(visitor, "img2img", req)
         return shown if shown is not None else (gr.skip(), gr.skip())
 
     async def webcam(self, image, prompt, strength, steps, seed, request: gr.Request = None):
+        visitor = Visitor.of(request)
+        try:
+            self.streams.frame(visitor.address, current_event(), useful=image is not None)
+        except ValueError as error:  # too many streams, or an idle one: ends this stream, frees its place
+            raise _error(error) from error
         if image is None:
             return gr.skip(), gr.skip()
-        req = _img2img_request(image, prompt, strength, steps, seed)
+        req = _img2img_request(await self._read_image(visitor, image), prompt, strength, steps, seed)
         # A newer frame replaces the pending one but lets the running one finish: frames faster than a generation
         # would otherwise stop every one of them before its image.
-        shown = await self._generate(Visitor.of(request), "webcam", req, preempt=False)
+        shown = await self._generate(visitor, "webcam", req, preempt=False)
         return shown if shown is not None else (gr.skip(), gr.skip())
 
     async def sketch(self, canvas, prompt, strength, steps, seed, request: gr.Request = None):
         """The sketch tab: the canvas (its flattened composite, checked like any upload) as image-to-image input."""
         composite = canvas.get("composite") if isinstance(canvas, dict) else None
-        if not composite:
+        if composite is None or composite == "":
             return gr.skip(), "Draw on the canvas to start."
-        try:
-            image = load_image(composite)
-        except InputError as error:
-            raise _error(error) from error
-        req = _img2img_request(image, prompt, strength, steps, seed)
-        shown = await self._generate(Visitor.of(request), "sketch", req)
+        visitor = Visitor.of(request)
+        if isinstance(composite, str):  # a path (called directly, not through the page's editor)
+            composite = ImageUpload(composite, None)
+        req = _img2img_request(await self._read_image(visitor, composite), prompt, strength, steps, seed)
+        shown = await self._generate(visitor, "sketch", req)
         return shown if shown is not None else (gr.skip(), gr.skip())
 
     async def sweep(self, prompt, negative_prompt, guidance_scale, seed, width, height, request: gr.Request = None):
@@ -254,8 +312,9 @@ class LiveApp:
     async def _api_image(self, tab: str, what: str, image, prompt, strength, steps, seed, request):
         if image is None:
             raise gr.Error(f"No {what} was received: send one as `image`.", print_exception=False)
-        req = _img2img_request(image, prompt, strength, steps, seed)
-        shown = await self._generate(Visitor.of(request), tab, req, one_shot=True)
+        visitor = Visitor.of(request)
+        req = _img2img_request(await self._read_image(visitor, image), prompt, strength, steps, seed)
+        shown = await self._generate(visitor, tab, req, one_shot=True)
         return shown[0] if shown is not None else gr.skip()
 
     async def api_step_sweep(self, prompt, negative_prompt="", guidance_scale=1.0, seed=0, width=None, height=None,

@@ -14,6 +14,7 @@ import io
 import re
 import struct
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,9 @@ MAX_DATA_URL_BYTES = 20 * 1024 * 1024  # a data: URL's decoded size when the ser
 # of its memory-safety and decompression-bomb advisories, and nobody uploads them to an image playground.
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 BIG_DECODE_PIXELS = 4_000_000  # decodes above this take a turn: at most two run at once (bounded peak memory)
+URL_REFUSED = (
+    "Images are not fetched from web addresses: send the image itself (an upload, a paste, or a data: URL)."
+)
 
 Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS  # Pillow refuses decompression bombs above 2x this when opening
 
@@ -114,12 +118,14 @@ def load_image(source: str | Path | io.BytesIO | Image.Image | np.ndarray | None
             raise InputError(f"The image is {width}x{height}: it has no pixels.")
         if image.format == "JPEG":
             image.draft("RGB", (MAX_WORKING_SIDE, MAX_WORKING_SIDE))  # decode big JPEGs at reduced size
-        orientation = image.getexif().get(0x0112, 1)
         big = width * height > BIG_DECODE_PIXELS
         if big:
             _BIG_DECODES.acquire()
         try:
             image.load()
+            # After load(), inside the bounded section: for a PNG, getexif() decodes the whole image to find an
+            # eXIf chunk after the pixels, so called earlier it was an unbounded decode of its own.
+            orientation = image.getexif().get(0x0112, 1)
             if image.mode in ("P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV"):
                 image = image.convert("RGBA" if "transparency" in image.info or image.mode == "PA" else "RGB")
             if max(image.size) > MAX_WORKING_SIDE:
@@ -172,4 +178,26 @@ def image_from_payload(path: str | None, url: str | None, max_bytes: int | float
         return load_image(io.BytesIO(data_url_bytes(url, max_bytes)))
     if not path:
         raise InputError("No image was received: upload, paste or pick an image.")
+    if is_web_address(path):
+        raise InputError(URL_REFUSED)
     return load_image(path)
+
+
+def is_web_address(reference: str | None) -> bool:
+    return isinstance(reference, str) and reference.lower().startswith(("http://", "https://", "//"))
+
+
+@dataclass(frozen=True)
+class ImageUpload:
+    """An image as it arrived (an upload in the cache, or a data: URL), not decoded yet: the handler decodes it
+    once it knows who sent it, so that an address's share is checked before any pixel is."""
+
+    path: str | None
+    url: str | None
+    max_bytes: int | float | None = None
+    data: bytes | None = None  # the file's bytes, where it came in a form rather than through the upload route
+
+    def load(self) -> Image.Image:
+        if self.data is not None:
+            return load_image(io.BytesIO(self.data))
+        return image_from_payload(self.path, self.url, self.max_bytes)

@@ -18,6 +18,7 @@ MIN_SIZE, MAX_SIZE, SIZE_STEP = 64, 2048, 8
 MIN_STRENGTH, MAX_STRENGTH = 0.05, 1.0  # the page's strength slider; the engine accepts any value in (0, 1]
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 1000  # far past 77 tokens; longer text is cut before it reaches the tokenizer
+MAX_TEXT_CHARS = 64 * 1024  # any text value in a request; longer ones are refused before they are stored
 DECODERS = ("auto", "full", "tiny")  # auto: the fast preview decoder when one is loaded
 
 

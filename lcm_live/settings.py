@@ -39,6 +39,12 @@ class Settings:
     session_jobs: int = 6  # one browser session's (or API client's) queued + running jobs
     address_jobs: int = 12  # the same for every session from one client address
     trusted_proxies: str | None = None  # proxies whose X-Forwarded-For is believed; None: see app.trusted_proxies
+    # What any one request or connection may cost, before Gradio or a handler sees it (lcm_live/guard.py).
+    max_body_size: str | None = None  # any request body; None: 4x max_file_size (a data: URL is 4/3 of its file)
+    upload_quota: str = "200mb"  # bytes one address may upload per 10 minutes (files and sketch canvases)
+    header_timeout: float = 10.0  # seconds a connection has to send a request's headers (slowloris)
+    address_connections: int = 64  # open connections per address (trusted proxies are not counted)
+    verbose: bool = False  # log full tracebacks of failed requests and everything the libraries print
 
     @property
     def ray_mode(self) -> bool:
@@ -98,6 +104,16 @@ class Settings:
                             help="comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
                                  "names the visitor (default: 127.0.0.1,::1; on a Hugging Face Space also its "
                                  "private networks)")  # fmt: skip
+        parser.add_argument("--max-body-size", default=env.max_body_size,
+                            help="largest request body (default: 4x --max-file-size)")  # fmt: skip
+        parser.add_argument("--upload-quota", default=env.upload_quota,
+                            help="bytes one address may upload per 10 minutes (default 200mb)")  # fmt: skip
+        parser.add_argument("--header-timeout", type=float, default=env.header_timeout,
+                            help="seconds a connection has to send a request's headers")  # fmt: skip
+        parser.add_argument("--address-connections", type=int, default=env.address_connections,
+                            help="open connections one address may hold (trusted proxies are not counted)")  # fmt: skip
+        parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=env.verbose,
+                            help="full tracebacks of failed requests in the log")  # fmt: skip
         parser.add_argument("--replicas", default=env.replicas, metavar="N|MIN:MAX",
                             help="serve from N Ray Serve replicas (or autoscale MIN:MAX); needs ray[serve]")  # fmt: skip
         parser.add_argument("--ray-address", default=env.ray_address or environ.get("RAY_ADDRESS") or None,
@@ -110,6 +126,11 @@ class Settings:
                 replica_range(args.replicas)
             if args.replica_gpus < 0 or args.replica_cpus <= 0:
                 raise ValueError("--replica-gpus must be at least 0 and --replica-cpus above 0.")
+            for flag in ("max_file_size", "max_body_size", "upload_quota"):
+                if getattr(args, flag) is not None:
+                    byte_size(getattr(args, flag), "--" + flag.replace("_", "-"))
+            if args.header_timeout <= 0 or args.address_connections < 1:
+                raise ValueError("--header-timeout must be above 0 and --address-connections at least 1.")
         except ValueError as error:
             parser.error(str(error))
         return cls(**vars(args))
@@ -125,6 +146,18 @@ def replica_range(spec: str) -> tuple[int, int]:
     if not 1 <= bounds[0] <= bounds[1]:
         raise ValueError(f"--replicas must be N or MIN:MAX with 1 <= MIN <= MAX; got {spec!r}.")
     return bounds
+
+
+def byte_size(text: str | int, name: str = "size") -> int:
+    """'20mb' -> 20971520 (Gradio's units: b, kb, mb, gb, tb); a ValueError naming the form for anything else."""
+    if isinstance(text, int):
+        return text
+    from gradio.utils import _parse_file_size
+
+    try:
+        return int(_parse_file_size(str(text)))
+    except (ValueError, TypeError):
+        raise ValueError(f"{name} must be a size such as 20mb or 500kb; got {text!r}.") from None
 
 
 def _parse(name: str, raw: str):

@@ -14,7 +14,7 @@ import gradio as gr
 from gradio.context import LocalContext
 
 from .handlers import LiveApp
-from .inputs import InputError, image_from_payload
+from .inputs import ImageUpload
 from .presets import ASSETS, PRESETS, preset_choices
 from .request import (
     MAX_GUIDANCE,
@@ -28,7 +28,7 @@ from .request import (
     MIN_STRENGTH,
     SIZE_STEP,
 )
-from .text import public_text, toast_text
+from .uploads import SketchBlobs, bound_sketchpad, refuse_web_addresses
 
 
 DEMO_PROMPT = "a yellow triangle on a purple background"
@@ -42,25 +42,38 @@ CSS = """
 
 
 def image_input(**options) -> gr.Image:
-    """A gr.Image whose preprocess is ours (inputs.load_image): upright RGB at the working size, or a gr.Error.
+    """A gr.Image whose preprocess is ours: an `inputs.ImageUpload` that the handler decodes (inputs.load_image:
+    upright RGB at the working size, or a clear message) once it knows the visitor and their share.
 
     Gradio's own preprocess decodes a data: URL at full size, with no size limit, and re-encodes some uploads
     before any check; a file that is not an image came back as a long internal message naming the component.
-    (Set on the instance: a gr.Image subclass makes Gradio write a .pyi stub next to this file.)
+    An http(s) address is refused rather than downloaded. (Set on the instance: a gr.Image subclass makes
+    Gradio write a .pyi stub next to this file.)
     """
     component = gr.Image(**options)
     component.preprocess = _preprocess_image
-    return component
+    return refuse_web_addresses(component)
 
 
 def _preprocess_image(payload):
     if payload is None:
         return None
     blocks = LocalContext.blocks.get(None)
-    try:
-        return image_from_payload(payload.path, payload.url, getattr(blocks, "max_file_size", None))
-    except InputError as error:
-        raise gr.Error(toast_text(public_text(str(error))), print_exception=False) from error
+    return ImageUpload(payload.path, payload.url, getattr(blocks, "max_file_size", None))
+
+
+def _checked_examples(examples: gr.Examples) -> gr.Examples:
+    """`examples` whose dataset refuses an index it does not have with a message (Gradio's own: an IndexError)."""
+    dataset = examples.dataset
+    preprocess = dataset.preprocess
+
+    def checked(payload):
+        if not isinstance(payload, int) or not 0 <= payload < len(dataset.samples):
+            raise gr.Error("There is no such example.", print_exception=False)
+        return preprocess(payload)
+
+    dataset.preprocess = checked
+    return examples
 
 
 def examples() -> list[str]:
@@ -136,7 +149,7 @@ def image_tab(app: LiveApp, prompt_text: str, live: dict) -> None:
             source = image_input(type="pil", sources=["upload", "clipboard"], label="Input image", elem_id="i2i-input",
                                  height=300)  # fmt: skip
             if examples():
-                gr.Examples(examples(), inputs=[source], label="Examples")
+                _checked_examples(gr.Examples(examples(), inputs=[source], label="Examples"))
             inputs = [source, *_image_controls(app, prompt_text, "i2i", "image_steps")]
         with gr.Column():
             outputs = _outputs("Result", "i2i")
@@ -172,6 +185,7 @@ def sketch_tab(app: LiveApp, prompt_text: str, live: dict) -> None:
             canvas = gr.Sketchpad(type="filepath", image_mode="RGB", label="Canvas", canvas_size=(side, side),
                                   brush=gr.Brush(default_size=max(2, side // 24)), height=360,
                                   elem_id="sketch-canvas")  # fmt: skip
+            bound_sketchpad(canvas, SketchBlobs())  # its uploads bounded, only its composite decoded (by the handler)
             clear = gr.Button("Clear", elem_id="sketch-clear")
             inputs = [canvas, *_image_controls(app, prompt_text, "sketch", "image_steps", strength=0.75)]
         with gr.Column():

@@ -10,9 +10,10 @@ removes a disconnected client's queued events but lets a running handler go on.
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections import Counter
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from gradio.context import LocalContext
@@ -120,3 +121,34 @@ async def while_connected(awaitable):
     except asyncio.CancelledError:
         task.cancel()
         raise
+
+
+class AddressShare:
+    """At most `per_address` things at once per client address (image decodes, webcam streams); past that a
+    RequestRefused at once. Thread-safe: decodes run on worker threads."""
+
+    def __init__(self, per_address: int, what: str):
+        self.per_address, self.what = per_address, what
+        self._held: Counter[str | None] = Counter()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, address: str | None):
+        with self._lock:
+            if address is not None and self._held[address] >= self.per_address:
+                raise RequestRefused(
+                    f"Too many {self.what} at once from your address (at most {self.per_address}); "
+                    "wait for one to finish."
+                )
+            self._held[address] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held[address] -= 1
+                if self._held[address] <= 0:
+                    del self._held[address]
+
+    def held(self, address: str | None) -> int:
+        with self._lock:
+            return self._held.get(address, 0)

@@ -111,17 +111,17 @@ def test_webcam_streams_distinct_frames(page, artifacts):
 
 def test_sketch_repaints_on_every_stroke_and_ends_on_the_final_canvas(page, artifacts, monkeypatch):
     """Strokes drawn with the mouse; the final image's parameters carry the digest of the last canvas received."""
-    import lcm_live.handlers as handlers
+    import lcm_live.inputs as inputs
     from lcm_live.request import image_digest
 
-    received, load = [], handlers.load_image
+    received, load = [], inputs.load_image
 
     def recording(source):
         image = load(source)
         received.append(image_digest(image))
         return image
 
-    monkeypatch.setattr(handlers, "load_image", recording)
+    monkeypatch.setattr(inputs, "load_image", recording)  # the handler decodes each canvas it receives
     page.get_by_role("tab", name="Sketch").click()
     page.locator("#sketch-canvas").get_by_role("button", name="Brush").click()
     canvas = page.locator("#sketch-canvas canvas").first

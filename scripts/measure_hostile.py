@@ -188,8 +188,8 @@ def measure(repo: Path) -> dict:
     server = Server(process.pid)
     try:
         QueueSession(url).call("txt2img", ["warm", "", 1, 1.0, 0, 64, 64])
-        return dict(repo=str(repo), big_pngs=big_pngs(url, server, 16), blobs=blobs(url, server),
-                    idle_streams=idle_streams(url), long_prompt=long_prompt(url, server), malformed=malformed(url),
+        return dict(repo=str(repo), long_prompt=long_prompt(url, server), big_pngs=big_pngs(url, server, 16),
+                    blobs=blobs(url, server), idle_streams=idle_streams(url), malformed=malformed(url),
                     slowloris=slowloris(url, 200, 12.0), uploads=uploads(url, 150))  # fmt: skip
     finally:
         process.kill()

@@ -9,6 +9,7 @@ decode, one upcast rule), cuda_graphs.py (graphs); this class holds them togethe
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from PIL import Image
 from . import denoise, vae
 from .cuda_graphs import GraphCache
 from .device import Runtime
-from .loading import load_pipeline, load_taesd, public_id
+from .loading import cache_first, load_pipeline, load_taesd, public_id
 from .presets import ModelSpec
 from .prompts import PromptCache
 from .request import (
@@ -37,6 +38,7 @@ from .rows import Row, fill_crop, initial_latents, lcm_plan, pixel_batch, schedu
 
 
 __all__ = ["Engine", "Row"]
+log = logging.getLogger("lcm_live")
 
 
 class Engine:
@@ -67,35 +69,45 @@ class Engine:
     @classmethod
     def load(cls, spec: ModelSpec, runtime: Runtime, taesd: bool = False, local_files_only: bool = False,
              warmup: bool = True, progress=None, compile: bool = False) -> Engine:  # fmt: skip
-        """Load `spec` once: weights, LoRA fused, LCMScheduler; optional TAESD and torch.compile; one warm-up run."""
-        # 1. The pipeline (weights, LoRA fused, the recipe's scheduler), optionally compiled on the warm-up run.
-        pipe, family = load_pipeline(spec, runtime, local_files_only, progress)
-        if compile:  # a new image size compiles again
-            pipe.unet = torch.compile(pipe.unet)
-        # 2. The tiny decoder for previews; the full VAE serves without it, saying so.
-        tiny, notes = None, []
-        if taesd:
-            try:
-                tiny = load_taesd(family, runtime, local_files_only)
-            except ModelLoadError as error:
-                notes.append(f"TAESD unavailable, decoding with the full VAE. {error}")
-        engine = cls(pipe, spec, runtime, family, tiny)
-        engine.notes, engine.compiled = notes, compile
-        # 3. A warm-up run (compiles), CUDA graphs for the native size, and a webcam frame's time.
-        if warmup or compile:
-            engine._warm_up(progress)
+        """Load `spec` once: weights, LoRA fused, LCMScheduler; optional TAESD and torch.compile; one warm-up run.
+
+        Local files first, the network only for what is missing. Each stage is one line of the "lcm_live" log."""
+        stage = _stages(spec, progress)
+        try:
+            # 1. The pipeline (weights, LoRA fused, the recipe's scheduler), optionally compiled on the warm-up run.
+            pipe, family = cache_first(lambda local: load_pipeline(spec, runtime, local, stage), local_files_only)
+            if compile:  # a new image size compiles again
+                pipe.unet = torch.compile(pipe.unet)
+            # 2. The tiny decoder for previews; the full VAE serves without it, saying so.
+            tiny, notes = None, []
+            if taesd:
+                try:
+                    tiny = cache_first(lambda local: load_taesd(family, runtime, local), local_files_only)
+                except ModelLoadError as error:
+                    notes.append(f"TAESD unavailable, decoding with the full VAE. {error}")
+                    log.info("%s: %s", spec.name, notes[-1])
+            engine = cls(pipe, spec, runtime, family, tiny)
+            engine.notes, engine.compiled = notes, compile
+            # 3. A warm-up run (compiles), CUDA graphs for the native size, and a webcam frame's time.
+            if warmup or compile:
+                engine.warm_up(stage)
+        except Exception:
+            log.debug("loading %s failed", spec.name, exc_info=True)  # the full traceback with --verbose
+            raise
+        log.info("%s: ready on %s", spec.name, runtime.label)
         return engine
 
-    def _warm_up(self, progress=None) -> None:
-        if progress:
-            progress(0.95, "Compiling the UNet (once per image size)" if self.compiled else "Warming up")
+    def warm_up(self, progress: Callable[[float, str], None] | None = None) -> None:
+        """The load's last stage, for a loader that defers it (warmup=False): a warm-up run (compiles a compiled
+        UNet), CUDA graphs for the native size, and a webcam frame's time (frame_ms)."""
+        stage = progress or (lambda fraction, message: None)
+        stage(0.95, "Compiling the UNet (once per image size)" if self.compiled else "Warming up")
         start = time.perf_counter()
         self.generate(Request(prompt="warm-up", steps=2))
         if self.compiled:
             self.notes.append(f"UNet compiled with torch.compile in {time.perf_counter() - start:.0f} s.")
         if self.unet_graphs.enabled:
-            if progress:
-                progress(0.97, "Capturing CUDA graphs")
+            stage(0.97, "Capturing CUDA graphs")
             seconds = self.prepare_graphs()
             self.notes.append(f"CUDA graphs captured for {self.native_size}px batches in {seconds:.1f} s.")
         self.frame_ms = self.time_frame()
@@ -380,6 +392,20 @@ class Engine:
                     native_size=self.native_size, embedded=self.spec.is_embedded,
                     decoder="TAESD" if self.tiny_vae is not None else "VAE", frame_ms=self.frame_ms,
                     steps=self.spec.recipe.steps, guidance_scale=self.spec.recipe.guidance_scale)  # fmt: skip
+
+
+def _stages(spec: ModelSpec, progress=None) -> Callable[[float, str], None]:
+    """A load's progress callback that also logs each stage once (a retry from the network repeats none)."""
+    said: set[str] = set()
+
+    def stage(fraction: float, message: str) -> None:
+        if message not in said:
+            said.add(message)
+            log.info("%s: %s", spec.name, message)
+        if progress:
+            progress(fraction, message)
+
+    return stage
 
 
 def _or_error(fn: Callable, *args):

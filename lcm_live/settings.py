@@ -39,6 +39,7 @@ class Settings:
     session_jobs: int = 6  # one browser session's (or API client's) queued + running jobs
     address_jobs: int = 12  # the same for every session from one client address
     trusted_proxies: str | None = None  # proxies whose X-Forwarded-For is believed; None: see app.trusted_proxies
+    verbose: bool = False  # the libraries' own warnings, progress bars and full tracebacks in the terminal
 
     @property
     def ray_mode(self) -> bool:
@@ -104,6 +105,8 @@ class Settings:
                             help="join this Ray cluster (default: RAY_ADDRESS; else start Ray here)")  # fmt: skip
         parser.add_argument("--replica-gpus", type=float, default=env.replica_gpus, help="GPUs per replica")
         parser.add_argument("--replica-cpus", type=float, default=env.replica_cpus, help="CPUs per replica")
+        parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=env.verbose,
+                            help="also the libraries' warnings and progress bars, and full tracebacks")  # fmt: skip
         args = parser.parse_args(argv)
         try:
             if args.replicas is not None:

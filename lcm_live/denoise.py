@@ -11,6 +11,36 @@ from .request import GenerationStopped
 from .rows import Row, step_kwargs
 
 
+class StepCache:
+    """What every step of a size reuses: SDXL's size conditioning (1, 6) and the last step's zero noise."""
+
+    def __init__(self, pipe, device: str):
+        self.pipe, self.device = pipe, device
+        self._time_ids: dict[tuple[int, int], torch.Tensor] = {}
+        self._zeros: dict[tuple, torch.Tensor] = {}
+
+    def time_ids(self, row: Row) -> torch.Tensor:
+        """Original size, crop (0, 0), target size, made once per size."""
+        size = (row.request.height, row.request.width)
+        if size not in self._time_ids:
+            pipe = self.pipe
+            projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(
+                row.text["pooled_prompt_embeds"].shape[-1])  # fmt: skip
+            ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=row.latents.dtype,
+                                         text_encoder_projection_dim=projection)  # fmt: skip
+            self._time_ids[size] = ids.to(self.device)
+        return self._time_ids[size]
+
+    def noise_for(self, row: Row) -> torch.Tensor:
+        """The noise this row's step adds; the last step adds none (its coefficient is 0 too)."""
+        if row.index < len(row.noise):
+            return row.noise[row.index]
+        shape = tuple(row.latents.shape)
+        if shape not in self._zeros:
+            self._zeros[shape] = torch.zeros(shape, device=row.latents.device, dtype=row.latents.dtype)
+        return self._zeros[shape]
+
+
 def control_values(rows: list[Row]) -> list[tuple[float, ...]]:
     """Per row: timestep, guidance scale and the LCM coefficients of its current step (8 numbers)."""
     values = []

@@ -34,7 +34,7 @@ from .request import (
     checked,
     image_digest,
 )
-from .rows import Row, fill_crop, initial_latents, lcm_plan, pixel_batch, schedule
+from .rows import Row, encode_inputs, initial_latents, lcm_plan, schedule
 
 
 __all__ = ["Engine", "Row"]
@@ -62,8 +62,7 @@ class Engine:
         graphs = runtime.device.startswith("cuda") and pipe.unet.config.time_cond_proj_dim is None
         self.unet_graphs = GraphCache(self._unet_forward, enabled=graphs)  # one UNet call of a batch
         self.decode_graphs = GraphCache(self._tiny_decode, enabled=graphs and tiny_vae is not None)  # previews
-        self._time_ids_by_size: dict[tuple[int, int], torch.Tensor] = {}
-        self._zeros_by_shape: dict[tuple, torch.Tensor] = {}
+        self.step_cache = denoise.StepCache(pipe, runtime.device)  # SDXL's size conditioning, the last step's zeros
         self._w: torch.Tensor | None = None  # the batch's guidance scales (LCM-distilled full models embed them)
 
     @classmethod
@@ -169,30 +168,9 @@ class Engine:
 
     def _encode_inputs(self, rows: list[Row]) -> dict[int, torch.Tensor | Exception]:
         """Input images of img2img rows -> their scaled latents (1, 4, h, w) by id(row), or the row's error."""
-        groups: dict[tuple, list[Row]] = {}
-        for row in rows:
-            groups.setdefault((row.request.pixel_size, self._decoder_for(row)), []).append(row)
-        encoded: dict[int, torch.Tensor | Exception] = {}
-        for (size, decoder), group in groups.items():
-            try:
-                encoded.update(self._encode_group(group, size, decoder))
-            except Exception as error:
-                if len(group) == 1:
-                    encoded[id(group[0])] = error
-                    continue
-                for row in group:  # which row failed: each alone (the failure drew no noise from a generator)
-                    one = _or_error(self._encode_group, [row], size, decoder)
-                    encoded.update(one if isinstance(one, dict) else {id(row): one})
-        return encoded
-
-    def _encode_group(self, group: list[Row], size: tuple[int, int], decoder: str) -> dict[int, torch.Tensor]:
         with torch.inference_mode():
-            pixels = pixel_batch([fill_crop(row.request.image.convert("RGB"), *size) for row in group],
+            return encode_inputs(rows, self._decoder_for, {"tiny": self.tiny_vae, "full": self.full_vae}, self.family,
                                  self._to_device)  # fmt: skip
-            latents = vae.encode(self.tiny_vae if decoder == "tiny" else self.full_vae, self.family, pixels,
-                                 [row.generator for row in group], group[0].text["prompt_embeds"].dtype,
-                                 self._to_device)  # fmt: skip
-        return {id(row): latent for row, latent in zip(group, latents)}
 
     def _initial_latents(self, row: Row, encoded: torch.Tensor | None) -> Row:
         with torch.inference_mode():
@@ -208,7 +186,7 @@ class Engine:
         """
         # 1. The batch: every row's conditional entry, then the unconditional entries of guided rows.
         control = self._control(rows)  # (B, 8) on the device: t, guidance and the LCM coefficients per row
-        inputs = denoise.unet_inputs(rows, control, self.family, self._time_ids)
+        inputs = denoise.unet_inputs(rows, control, self.family, self.step_cache.time_ids)
         # 2. One UNet call for all of them (a captured CUDA graph on a GPU).
         warming = self.unet_graphs.enabled and not self.unet_graphs.is_captured(*inputs)
         stoppable = should_abort is not None and not self.unet_graphs.enabled and not self.compiled
@@ -217,7 +195,7 @@ class Engine:
             with torch.inference_mode():
                 (eps,) = self.unet_graphs(*inputs)  # (E, 4, h, w)
                 # 3. Guidance, then each row's scheduler step (all LCM rows at once).
-                denoise.update(rows, eps, control, self._noise_for, self.step_options)
+                denoise.update(rows, eps, control, self.step_cache.noise_for, self.step_options)
         except GenerationStopped:
             return False
         except torch.OutOfMemoryError as error:
@@ -248,26 +226,6 @@ class Engine:
         control = self._to_device(torch.tensor(denoise.control_values(rows), dtype=torch.float32))
         self._w = torch.cat([control[:, 1], *(control[i : i + 1, 1] for i, r in enumerate(rows) if r.guided)])
         return control
-
-    def _noise_for(self, row: Row) -> torch.Tensor:
-        if row.index < len(row.noise):
-            return row.noise[row.index]
-        shape = tuple(row.latents.shape)
-        if shape not in self._zeros_by_shape:  # the last step adds no noise (its coefficient is 0 too)
-            self._zeros_by_shape[shape] = torch.zeros(shape, device=row.latents.device, dtype=row.latents.dtype)
-        return self._zeros_by_shape[shape]
-
-    def _time_ids(self, row: Row) -> torch.Tensor:
-        """SDXL's size conditioning: original size, crop (0, 0), target size; (1, 6), made once per size."""
-        size = (row.request.height, row.request.width)
-        if size not in self._time_ids_by_size:
-            pipe = self.txt2img
-            projection = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(
-                row.text["pooled_prompt_embeds"].shape[-1])  # fmt: skip
-            ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=row.latents.dtype,
-                                         text_encoder_projection_dim=projection)  # fmt: skip
-            self._time_ids_by_size[size] = ids.to(self.runtime.device)
-        return self._time_ids_by_size[size]
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """A CPU tensor on the engine's device; on CUDA through pinned memory, without waiting for the GPU."""

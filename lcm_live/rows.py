@@ -17,6 +17,7 @@ from diffusers import LCMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from . import vae
 from .request import Request, effective_strength
 
 
@@ -174,3 +175,30 @@ def initial_latents(row: Row, txt2img, img2img, encoded: torch.Tensor | None, de
     else:  # LCMScheduler.add_noise: sqrt(a) x + sqrt(1 - a) noise, with a in the latents' dtype
         alpha = row.scheduler.alphas_cumprod.to(dtype)[int(row.timesteps[0])]
         row.latents = float(alpha**0.5) * encoded + float((1 - alpha) ** 0.5) * drawn[:1]
+
+
+def encode_inputs(
+    rows: list[Row], decoder_for, vaes: dict, family: str, to_device
+) -> dict[int, torch.Tensor | Exception]:
+    """Input images of img2img rows -> their scaled latents (1, 4, h, w) by id(row): one encoder call per size and
+    VAE; a group that fails is encoded again row by row, so that only the failing row gets its error."""
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.request.pixel_size, decoder_for(row)), []).append(row)
+    encoded: dict[int, torch.Tensor | Exception] = {}
+    for (size, decoder), group in groups.items():
+        for attempt in [group] if len(group) == 1 else [group, *([row] for row in group)]:
+            try:  # a failed group drew no noise from its rows' generators: each alone starts as it would have
+                pixels = pixel_batch(
+                    [fill_crop(row.request.image.convert("RGB"), *size) for row in attempt], to_device
+                )
+                latents = vae.encode(vaes[decoder], family, pixels, [row.generator for row in attempt],
+                                     attempt[0].text["prompt_embeds"].dtype, to_device)  # fmt: skip
+            except Exception as error:
+                if len(attempt) == 1:
+                    encoded[id(attempt[0])] = error
+                continue
+            encoded.update({id(row): latent for row, latent in zip(attempt, latents)})
+            if attempt is group:
+                break
+    return encoded

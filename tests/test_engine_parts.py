@@ -6,6 +6,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from lcm_live import engine as engine_module
+from lcm_live import rows as rows_module
 from lcm_live import vae as vae_module
 from lcm_live.request import Request
 from lcm_live.rows import Row
@@ -67,14 +68,14 @@ def test_a_row_that_raises_any_error_fails_alone(sd15_engine, monkeypatch):
 
 
 def test_an_input_image_that_fails_to_encode_fails_only_its_row(sd15_engine, monkeypatch):
-    real = engine_module.fill_crop
+    real = rows_module.fill_crop
 
     def picky(image, width, height):
         if image.getpixel((0, 0)) == (255, 0, 0):
             raise RuntimeError("unreadable pixels")
         return real(image, width, height)
 
-    monkeypatch.setattr(engine_module, "fill_crop", picky)
+    monkeypatch.setattr(rows_module, "fill_crop", picky)
     good = Request(prompt="a frame", image=Image.new("RGB", (64, 64), (20, 90, 200)), steps=2, strength=0.5, seed=4)
     bad = Request(prompt="a frame", image=Image.new("RGB", (64, 64), (255, 0, 0)), steps=2, strength=0.5)
     rows = sd15_engine.start_many([bad, good])  # same size and decoder: one encoder call, then row by row
@@ -83,3 +84,25 @@ def test_an_input_image_that_fails_to_encode_fails_only_its_row(sd15_engine, mon
         sd15_engine.step([rows[1]])
     (result,) = sd15_engine.finish([rows[1]])
     assert list(result.image.getdata()) == list(sd15_engine.generate(good).image.getdata())
+
+
+def test_models_load_from_local_files_first_and_the_hub_only_for_what_is_missing():
+    from lcm_live.loading import cache_first
+    from lcm_live.request import ModelLoadError
+
+    def load(cached: bool):
+        def attempt(local_files_only: bool):
+            tries.append(local_files_only)
+            if local_files_only and not cached:
+                raise ModelLoadError("not in the cache")
+            return "pipe"
+
+        return attempt
+
+    for cached, offline, wanted in [(True, False, [True]), (False, False, [True, False]), (False, True, [True])]:
+        tries = []
+        try:
+            cache_first(load(cached), local_files_only=offline)
+        except ModelLoadError:
+            assert offline  # offline and not cached: the local error, and no hub
+        assert tries == wanted, (cached, offline)

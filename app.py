@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -17,6 +18,7 @@ UPLOAD_WINDOW_S = 600  # the window of --upload-quota
 MAX_FILES_PER_UPLOAD = 16  # files in one upload request (the page sends one)
 MAX_EVENTS = 256  # events in progress at once (Gradio's max_threads); more wait in the queue, up to --queue-size
 PRIVATE_NETWORKS = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7"  # where a Space's own proxies live
+log = logging.getLogger("lcm_live")
 
 
 def build(settings: Settings):
@@ -52,6 +54,10 @@ def build(settings: Settings):
     manager.attach(loop)
     if not wanted.is_embedded:
         manager.switch(wanted)
+        log.info("serving the embedded demo model while %s loads in the background (the page shows its progress)",
+                 wanted.name)  # fmt: skip
+    else:
+        log.info("serving the embedded demo model")
     app = LiveApp(manager, loop, store)
     demo = build_ui(app)
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=None)
@@ -106,17 +112,23 @@ def launch(settings: Settings, **options):
     # Gradio runs at most `max_threads` events at once (40 by default), whatever the concurrency limits; a live
     # keystroke holds one until the loop answers it, so 20 people typing filled them and then the queue (503s).
     options.setdefault("max_threads", MAX_EVENTS)
+    options.setdefault("quiet", not settings.verbose)  # Gradio's own start lines: ours below say the URL
+    block = not options.pop("prevent_thread_lock", False)
     # show_error=False: visitors see the app's own messages (gr.Error), never an internal exception's text,
     # which can name server paths ("Cannot move /srv/app/x.png ..."); those go to the server log.
     try:
         with guarded_server(connection_limits(settings)):
             demo.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
-                        max_file_size=settings.max_file_size, show_error=False, css=CSS, **options)  # fmt: skip
+                        max_file_size=settings.max_file_size, show_error=False, css=CSS, prevent_thread_lock=True,
+                        **options)  # fmt: skip
     except BaseException:
         close(app)  # nothing half-up: replicas started for this page go too
         raise
     if demo.delete_cache:
         start_cache_sweeper(demo, *demo.delete_cache)
+    log.info("open %s", demo.share_url or demo.local_url)
+    if block:
+        demo.block_thread()
     return demo, app
 
 
@@ -233,4 +245,8 @@ def start_cache_sweeper(demo, frequency: float, age: float) -> threading.Thread:
 
 
 if __name__ == "__main__":
-    launch(Settings.from_args(sys.argv[1:]))
+    from lcm_live import console
+
+    settings = Settings.from_args(sys.argv[1:])
+    console.setup(settings.verbose)  # before diffusers and transformers are first imported
+    launch(settings)

@@ -40,6 +40,12 @@ SETTLE_AFTER_S = 0.5  # input still this long: decode the last latents again wit
 DECODES_PER_ADDRESS = 4  # images one address may have being read at once; more are refused before decoding
 STREAMS_PER_ADDRESS = 2  # webcam streams one address may hold open at once (each holds a place in Gradio's queue)
 STREAM_IDLE_S = 20.0  # a webcam stream that sends no frame for this long is closed, freeing its place
+DEMO_PROMPT = "a yellow triangle on a purple background"  # the embedded model's example prompt
+PHOTO_PROMPT = (
+    "close-up photography of old man standing in the rain at night, in a street lit by lamps, leica 35mm summilux"
+)  # any other model's
+EXAMPLE_PROMPTS = (DEMO_PROMPT, PHOTO_PROMPT)
+PACE_SLACK = 0.8  # a webcam frame this close to the model's frame time after the last one still runs
 
 
 class OutputStore:
@@ -122,6 +128,25 @@ class StreamBook:
         return len(self._open.get(address, {}))
 
 
+class FramePacer:
+    """Webcam frames per slot, let through no faster than the serving model makes them (the newest kept anyway)."""
+
+    def __init__(self, slots: int = 1024):
+        self._last: OrderedDict[str, float] = OrderedDict()
+        self._slots = slots
+
+    def admit(self, slot: str, interval_s: float) -> bool:
+        now = time.perf_counter()
+        last = self._last.get(slot)
+        if last is not None and now - last < PACE_SLACK * interval_s:
+            return False
+        self._last.pop(slot, None)
+        self._last[slot] = now
+        while len(self._last) > self._slots:
+            self._last.popitem(last=False)
+        return True
+
+
 def hud_markdown(outcome: Outcome, fps: float, info: dict, warnings: list[str]) -> str:
     result = outcome.result
     line = markdown_text(hud_line(result.timings, outcome.wait_ms, fps, info["runtime"], public_text(info["model"])))
@@ -158,6 +183,7 @@ class LiveApp:
         self.limits = limits or getattr(loop, "limits", None) or Limits()  # the loop's own, unless it is remote
         self.store = store or OutputStore()
         self.rates = RateMeter()
+        self.pacer = FramePacer()
         places = one_shot_places or max(API_CONCURRENCY, getattr(loop, "max_batch", 0))
         self.gate = OneShotGate(places, self.limits.address_jobs)
         self.decodes = AddressShare(DECODES_PER_ADDRESS, "images being read")
@@ -242,6 +268,10 @@ class LiveApp:
         except ValueError as error:  # too many streams, or an idle one: ends this stream, frees its place
             raise _error(error) from error
         if image is None:
+            return gr.skip(), gr.skip()
+        # The browser's pace was fixed when the page was built (Gradio's stream_every); the serving model's is
+        # kept here: a frame sooner than the model makes them is dropped before any work (before decoding).
+        if not self.pacer.admit(visitor.slot("webcam"), self.frame_interval()):
             return gr.skip(), gr.skip()
         req = _img2img_request(await self._read_image(visitor, image), prompt, strength, steps, seed)
         # A newer frame replaces the pending one but lets the running one finish: frames faster than a generation
@@ -351,6 +381,32 @@ class LiveApp:
         steps = int(info.get("steps", 4))
         return dict(steps=steps, guidance_scale=float(info.get("guidance_scale", 1.0)), image_steps=max(2, steps),
                     webcam_steps=max(2, steps // 2))  # fmt: skip
+
+    def example_prompt(self) -> str:
+        """The serving model's example prompt (the embedded model knows only simple shapes)."""
+        return DEMO_PROMPT if self.loop.info.get("embedded") else PHOTO_PROMPT
+
+    def model_values(self, followed: str | None, *prompts):
+        """The serving model's own values for a page: the steps sliders (text, image, webcam, sketch), guidance,
+        each prompt box's example where the visitor has not typed (its placeholder always), and the key of what
+        it set; all skipped while the page already follows this model."""
+        info = self.loop.info
+        key = f"{info['model']}|{info.get('steps')}|{info.get('guidance_scale')}|{info.get('embedded')}"
+        if key == followed:
+            return (gr.skip(),) * (6 + len(prompts))
+        defaults, example = self.defaults(), self.example_prompt()
+        steps = [gr.update(value=defaults[k]) for k in ("steps", "image_steps", "webcam_steps", "image_steps")]
+        boxes = [gr.update(value=example, placeholder=example) if (text or "").strip() in EXAMPLE_PROMPTS
+                 else gr.update(placeholder=example) for text in prompts]  # fmt: skip
+        return (*steps, gr.update(value=defaults["guidance_scale"]), *boxes, key)
+
+    def page_load(self, *prompts):
+        """A page load: the size sliders (page_bounds), then the model's own values (model_values), always set."""
+        return (*self.page_bounds(), *self.model_values(None, *prompts))
+
+    def page_status(self, shown_key: str | None, followed: str | None, *prompts):
+        """The status tick: the status line and sizes (status), then the model's own values (model_values)."""
+        return (*self.status(shown_key), *self.model_values(followed, *prompts))
 
     def page_bounds(self):
         """The size sliders for this page load: the serving model's native size, as wide as the cost cap allows."""

@@ -7,7 +7,9 @@ Errors name the id and the fix; nothing here runs per request.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from diffusers import AutoencoderTiny, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -21,6 +23,7 @@ from .single_file import FAMILY_CONFIGS, is_single_file, single_file_family
 FAMILY_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
 # The files of a diffusers folder that describe it without its weights (what from_single_file needs).
 CONFIG_FILES = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]
+T = TypeVar("T")
 _HUB_FILE = re.compile(r"^[\w.-]+/[\w.-]+/.+\.safetensors$")  # owner/repo/path/in/repo.safetensors
 
 
@@ -207,6 +210,17 @@ def fuse_adapters(pipe, spec: ModelSpec, family: str, local_files_only: bool, re
         pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
         pipe.unload_lora_weights()
     return names
+
+
+def cache_first(load: Callable[[bool], T], local_files_only: bool = False) -> T:
+    """`load(local_files_only)` from the local files first: a cached model loads without the network (without
+    one, each hub request is retried for half a minute); the network only when that fails."""
+    if local_files_only:
+        return load(True)
+    try:
+        return load(True)
+    except ModelLoadError:
+        return load(False)
 
 
 # ---------------------------------------------------------------------------------------------- pipeline

@@ -44,7 +44,7 @@ class Settings:
     upload_quota: str = "200mb"  # bytes one address may upload per 10 minutes (files and sketch canvases)
     header_timeout: float = 10.0  # seconds a connection has to send a request's headers (slowloris)
     address_connections: int = 64  # open connections per address (trusted proxies are not counted)
-    verbose: bool = False  # log full tracebacks of failed requests and everything the libraries print
+    verbose: bool = False  # the libraries' warnings, progress bars and full tracebacks (failed loads and requests)
 
     @property
     def ray_mode(self) -> bool:
@@ -112,14 +112,14 @@ class Settings:
                             help="seconds a connection has to send a request's headers")  # fmt: skip
         parser.add_argument("--address-connections", type=int, default=env.address_connections,
                             help="open connections one address may hold (trusted proxies are not counted)")  # fmt: skip
-        parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=env.verbose,
-                            help="full tracebacks of failed requests in the log")  # fmt: skip
         parser.add_argument("--replicas", default=env.replicas, metavar="N|MIN:MAX",
                             help="serve from N Ray Serve replicas (or autoscale MIN:MAX); needs ray[serve]")  # fmt: skip
         parser.add_argument("--ray-address", default=env.ray_address or environ.get("RAY_ADDRESS") or None,
                             help="join this Ray cluster (default: RAY_ADDRESS; else start Ray here)")  # fmt: skip
         parser.add_argument("--replica-gpus", type=float, default=env.replica_gpus, help="GPUs per replica")
         parser.add_argument("--replica-cpus", type=float, default=env.replica_cpus, help="CPUs per replica")
+        parser.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=env.verbose,
+                            help="also the libraries' warnings and progress bars, and full tracebacks")  # fmt: skip
         args = parser.parse_args(argv)
         try:
             if args.replicas is not None:

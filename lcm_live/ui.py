@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import gradio as gr
 from gradio.context import LocalContext
 
-from .handlers import LiveApp
+from .handlers import DEMO_PROMPT, PHOTO_PROMPT, LiveApp  # noqa: F401  (the example prompts, named here too)
 from .inputs import ImageUpload
 from .presets import ASSETS, PRESETS, preset_choices
 from .request import (
@@ -31,10 +31,6 @@ from .request import (
 from .uploads import SketchBlobs, bound_sketchpad, refuse_web_addresses
 
 
-DEMO_PROMPT = "a yellow triangle on a purple background"
-PHOTO_PROMPT = (
-    "close-up photography of old man standing in the rain at night, in a street lit by lamps, leica 35mm summilux"
-)
 CSS = """
 .live-image img { image-rendering: pixelated; object-fit: contain; }
 .hud { font-family: ui-monospace, monospace; font-size: 0.85em; }
@@ -245,9 +241,18 @@ def api_endpoints(app: LiveApp) -> None:
                      **api)  # fmt: skip
 
 
+def _model_following(demo: gr.Blocks) -> SimpleNamespace:
+    """The widgets whose values follow the serving model, found by element id: steps (text, image, webcam,
+    sketch; the order of LiveApp.model_values), guidance, and the prompt boxes."""
+    by_id = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    tabs = ("t2i", "i2i", "cam", "sketch")
+    return SimpleNamespace(steps=[by_id[f"{tab}-steps"] for tab in tabs], guidance=by_id["t2i-guidance"],
+                           prompts=[by_id[f"{tab}-prompt"] for tab in tabs])  # fmt: skip
+
+
 def build_ui(app: LiveApp, trigger_mode: str = "multiple") -> gr.Blocks:
     """The page. `trigger_mode="always_last"` gives Gradio's stock debounce instead (for comparisons)."""
-    prompt_text = DEMO_PROMPT if app.loop.info["embedded"] else PHOTO_PROMPT
+    prompt_text = app.example_prompt()
     live = dict(trigger_mode=trigger_mode, show_progress="hidden", concurrency_limit=None)
     with gr.Blocks(title="lcm-live", delete_cache=(300, 900)) as demo:
         gr.Markdown(
@@ -264,13 +269,18 @@ def build_ui(app: LiveApp, trigger_mode: str = "multiple") -> gr.Blocks:
                 model_tab(app, status)
         api_endpoints(app)
 
-        # The first image, at the serving model's size; a status line refreshed every second (load progress,
-        # errors), which also resizes the sliders once another model serves.
-        demo.load(app.page_bounds, None, [text.width, text.height, shown], show_progress="hidden",
-                  api_visibility="private").then(
+        # The first image, at the serving model's size and with its own values; a status line refreshed every
+        # second (load progress, errors), which also resets the sliders and example prompts once another model
+        # serves. (The webcam's pace was fixed with the page: handlers.FramePacer keeps the model's.)
+        followed, follow = gr.State(None), _model_following(demo)  # which model's values this page shows
+        demo.load(app.page_load, follow.prompts,
+                  [text.width, text.height, shown, *follow.steps, follow.guidance, *follow.prompts, followed],
+                  show_progress="hidden", api_name="page_load", api_visibility="undocumented").then(
             app.txt2img, text.inputs, [text.image, text.hud], show_progress="hidden", api_name="first_txt2img",
             api_visibility="undocumented")  # fmt: skip
-        gr.Timer(1.0).tick(app.status, shown, [status, text.width, text.height, shown], show_progress="hidden",
-                           api_visibility="private", queue=False)  # fmt: skip
+        gr.Timer(1.0).tick(app.page_status, [shown, followed, *follow.prompts],
+                           [status, text.width, text.height, shown, *follow.steps, follow.guidance, *follow.prompts,
+                            followed], show_progress="hidden", api_name="page_status", api_visibility="undocumented",
+                           queue=False)  # fmt: skip
         demo.unload(app.forget)
     return demo

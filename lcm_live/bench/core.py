@@ -151,7 +151,7 @@ def time_request(engine: Engine, request: Request, repeats: int = 2, cached_text
     reset_peak(device)
     for _ in range(repeats):
         if not cached_text:
-            engine._embeddings.clear()
+            engine.prompts.clear()
         with StepClock(engine.txt2img.unet, device) as clock:
             result = engine.generate(request)
         runs.append((result.timings, clock.times_ms))

@@ -13,6 +13,8 @@ import time
 import torch
 from diffusers import LCMScheduler
 
+from ..vae import needs_upcast
+
 
 def lcm_coefficients(
     scheduler: LCMScheduler, steps: int
@@ -37,8 +39,9 @@ class FastLCM:
         self.device, self.dtype = rt.device, rt.dtype
         self.unet = pipe.unet
         self.vae = engine.tiny_vae if decoder == "tiny" and engine.tiny_vae is not None else engine.full_vae
-        self.vae_dtype = torch.float32 if self.vae is engine.full_vae and engine.family == "sdxl" else rt.dtype
-        if self.vae_dtype != self.vae.dtype:  # SDXL's VAE overflows in fp16: keep it in fp32 here
+        upcast = self.vae is engine.full_vae and needs_upcast(self.vae, engine.family)
+        self.vae_dtype = torch.float32 if upcast else self.vae.dtype
+        if upcast:  # the engine's one rule (vae.py): SDXL's VAE overflows in fp16, so keep it in fp32 here
             self.vae.to(self.vae_dtype)
         self.coefficients = lcm_coefficients(LCMScheduler.from_config(pipe.scheduler.config), steps)
         kwargs, *_ = engine.encode_text("a photo", "", False)

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from lcm_live.live import SUPERSEDED, Limits, LiveLoop, Outcome
-from lcm_live.request import Request, RequestRefused
+from lcm_live.request import GenerationError, Request, RequestRefused
 from tests.fakes import FakeEngine
 
 
@@ -94,7 +94,7 @@ def test_sessions_take_turns(loop):
 
 def test_a_failing_job_reports_its_error_and_the_loop_keeps_serving(loop):
     job = loop.submit("s1", generate("fail: pretend out of memory"))
-    with pytest.raises(MemoryError, match="pretend out of memory"):
+    with pytest.raises(GenerationError, match="MemoryError: pretend out of memory"):
         job.future.result(timeout=5)
     assert loop.run_sync("s1", generate("after"), timeout=5).result.params["prompt"] == "after"
 

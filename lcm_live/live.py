@@ -172,6 +172,11 @@ class LiveLoop:
         with self._cond:
             return len(self._slots) + len(self._scheduler.fair)
 
+    def slot_names(self) -> set[str]:
+        """The slots the loop keeps bookkeeping for (tests check that none is left behind)."""
+        with self._cond:
+            return set(self._slots.touched) | set(self._slots.seq)
+
     def close(self) -> None:
         """Stop serving: every waiter hears SUPERSEDED; running rows stop at their next block boundary."""
         with self._cond:

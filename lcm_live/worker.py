@@ -121,7 +121,7 @@ class Worker:
     def _swap(self, swap: Swap) -> None:
         """Warm the new engine up (its captures too) between two steps of the old one, then serve with it."""
         if swap.prepare is not None and self._call("warming up the new model", [], swap.prepare) is _FAILED:
-            resolve(swap.ready, error=public_error(self._error))
+            resolve(swap.ready, error=self._error)  # the loader reports it as a failed load
             return
         self.loop._serve_with(swap.engine)
         resolve(swap.ready, None)
@@ -139,20 +139,28 @@ class Worker:
                 generating.append(job)
         for engine in dict.fromkeys(job.engine for job in generating):
             batch = [job for job in generating if job.engine is engine]
-            requests = [request for job in batch for request in job.requests]
-            rows = self._call("making rows", batch, engine.start_many, requests)
-            if rows is _FAILED:
-                continue
-            if len(rows) != len(requests):
-                self._failed("making rows", batch, RuntimeError(f"{len(rows)} rows for {len(requests)} requests"))
-                continue
+            if len(batch) > 1:
+                try:
+                    self._make_rows(engine, batch)
+                    continue
+                except Exception:  # the call failed as a whole: each job on its own, so one bad job fails alone
+                    pass
             for job in batch:
-                job.rows, rows = list(rows[: len(job.requests)]), rows[len(job.requests) :]
-                job.results = [None] * len(job.rows)
-                errors = [row for row in job.rows if isinstance(row, BaseException)]
-                if errors:  # a bad request (its caller hears why), or an engine fault in that row only
-                    job.rows = []
-                    self._failed("making a row", [job], errors[0])
+                self._call("making rows", [job], self._make_rows, engine, [job])
+
+    def _make_rows(self, engine, jobs: list[Job]) -> None:
+        """One start_many call for `jobs`; a row that is an error fails its job only."""
+        requests = [request for job in jobs for request in job.requests]
+        rows = engine.start_many(requests)
+        if len(rows) != len(requests):
+            raise RuntimeError(f"the engine made {len(rows)} rows for {len(requests)} requests")
+        for job in jobs:
+            job.rows, rows = list(rows[: len(job.requests)]), rows[len(job.requests) :]
+            job.results = [None] * len(job.rows)
+            errors = [row for row in job.rows if isinstance(row, BaseException)]
+            if errors:  # a bad request (its caller hears why), or an engine fault in that row only
+                job.rows = []
+                self._failed("making a row", [job], errors[0])
 
     def _step(self, pairs: list[tuple[Job, Any]]) -> None:
         """One UNet call for the group's rows; then decode rows that finished and complete their jobs."""

@@ -11,11 +11,20 @@ from lcm_live.presets import ModelSpec, resolve_spec
 from lcm_live.request import GenerationStopped, ModelLoadError, Request
 
 
-def _count_calls(module):
-    """Attach a forward hook to `module`; returns a list whose length is the number of calls."""
-    calls = []
-    module.register_forward_hook(lambda *args: calls.append(1))
-    return calls
+@pytest.fixture
+def count_calls():
+    """`count_calls(module)`: a list that grows by one per forward call; the hooks come off after the test (the
+    engine is shared by the whole session)."""
+    handles = []
+
+    def attach(module):
+        calls = []
+        handles.append(module.register_forward_hook(lambda *args: calls.append(1)))
+        return calls
+
+    yield attach
+    for handle in handles:
+        handle.remove()
 
 
 @pytest.mark.parametrize(
@@ -47,8 +56,8 @@ def test_kohya_and_peft_files_fuse_to_the_same_weights(tiny_models, cpu32):
         torch.testing.assert_close(param, peft_weights[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_slider_changes_reuse_the_text_embeddings(sd15_engine):
-    calls = _count_calls(sd15_engine.txt2img.text_encoder)
+def test_slider_changes_reuse_the_text_embeddings(sd15_engine, count_calls):
+    calls = count_calls(sd15_engine.txt2img.text_encoder)
     sd15_engine.generate(Request(prompt="a cached prompt", seed=1))
     assert len(calls) == 1
     for change in (dict(seed=2), dict(steps=2), dict(width=72), dict(seed=3, height=80)):
@@ -68,8 +77,8 @@ def test_negative_prompt_is_encoded_only_with_guidance(sd15_engine):
     assert "negative_prompt" not in a.params and c.params["negative_prompt"] == "red"
 
 
-def test_stop_at_step_boundary_runs_fewer_unet_steps(sd15_engine):
-    calls = _count_calls(sd15_engine.txt2img.unet)
+def test_stop_at_step_boundary_runs_fewer_unet_steps(sd15_engine, count_calls):
+    calls = count_calls(sd15_engine.txt2img.unet)
     sd15_engine.generate(Request(prompt="stop me", steps=8))
     full = len(calls)
     assert full == 8
@@ -79,10 +88,11 @@ def test_stop_at_step_boundary_runs_fewer_unet_steps(sd15_engine):
     assert len(calls) == 2 and stopped.value.steps_done == 2
 
 
-def test_stop_is_not_honoured_in_the_last_step(sd15_engine):
-    calls = _count_calls(sd15_engine.txt2img.unet)
-    result = sd15_engine.generate(Request(prompt="last", steps=2), should_stop=lambda: len(calls) >= 2)
-    assert result.timings.unet_steps == 2
+def test_stop_is_not_honoured_in_the_last_step(sd15_engine, count_calls):
+    calls = count_calls(sd15_engine.txt2img.unet)
+    # asks to stop from the end of the first step on: only the last step sees it, and finishes anyway
+    result = sd15_engine.generate(Request(prompt="last", steps=2), should_stop=lambda: len(calls) >= 1)
+    assert result.timings.unet_steps == 2 and len(calls) == 2
 
 
 def test_same_seed_same_image_other_seed_other_image(sd15_engine):
@@ -93,9 +103,9 @@ def test_same_seed_same_image_other_seed_other_image(sd15_engine):
     assert a.image.tobytes() != c.image.tobytes()
 
 
-def test_img2img_runs_at_least_one_step(sd15_engine):
+def test_img2img_runs_at_least_one_step(sd15_engine, count_calls):
     source = sd15_engine.generate(Request(prompt="source", seed=1)).image
-    calls = _count_calls(sd15_engine.img2img.unet)
+    calls = count_calls(sd15_engine.img2img.unet)
     result = sd15_engine.generate(Request(prompt="edit", image=source, strength=0.05, steps=4))
     assert len(calls) == 1 and result.timings.unet_steps == 1
     assert result.params["mode"] == "img2img" and result.params["strength"] >= 0.25

@@ -192,7 +192,6 @@ def test_sessions_of_slots():
     from lcm_live.replicas import session_of
 
     assert session_of("abc123:txt2img") == session_of("abc123:webcam") == session_of("abc123:") == "abc123"
-    assert session_of("api:9f8e") == "api:9f8e"  # a plain API call is a session of its own
 
 
 # ---------------------------------------------------------------------- start-up failures (subprocesses)

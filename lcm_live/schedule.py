@@ -154,13 +154,11 @@ class Scheduler:
         live = [job for job in self.jobs() if job.slot != slot and not job.should_stop()]
         if sum(job.session == session_of(slot) for job in live) >= limits.session_jobs:
             raise RequestRefused(
-                f"Too many requests at once from this session (at most {limits.session_jobs}); "
-                "wait for one to finish."
+                f"Too many requests at once from this session (at most {limits.session_jobs}); wait for one to finish."
             )
         if address is not None and sum(job.address == address for job in live) >= limits.address_jobs:
             raise RequestRefused(
-                f"Too many requests at once from your address (at most {limits.address_jobs}); "
-                "wait for one to finish."
+                f"Too many requests at once from your address (at most {limits.address_jobs}); wait for one to finish."
             )
 
     def add(self, job: Job, preempt: bool = True) -> Job | None:

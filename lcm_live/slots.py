@@ -68,7 +68,7 @@ class SlotBook:
     def forget(self, slot_prefix: str) -> list[str]:
         """Drop every slot under `slot_prefix`; the sessions and addresses that left."""
         gone = []
-        for slot in [s for s in {*self.touched, *self.seq} if s.startswith(slot_prefix)]:
+        for slot in [s for s in dict.fromkeys([*self.touched, *self.seq]) if s.startswith(slot_prefix)]:
             gone += self._drop(slot)
         return gone
 

@@ -4,6 +4,7 @@ import io
 
 import pytest
 from gradio_client import handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 
 from lcm_live.pngmeta import read_params

@@ -6,6 +6,7 @@ import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from lcm_live.engine import Engine
+from lcm_live.live import SUPERSEDED, LiveLoop
 from lcm_live.pngmeta import read_params, save_png
 from lcm_live.presets import ModelSpec, resolve_spec
 from lcm_live.request import GenerationStopped, ModelLoadError, Request
@@ -200,3 +201,23 @@ def test_compiled_unet_generates_the_same_image_and_stops_at_step_boundaries(tin
     with pytest.raises(GenerationStopped) as stopped:
         engine.generate(Request(prompt="compiled", steps=6), should_stop=lambda: asked.append(1) or len(asked) > 1)
     assert stopped.value.steps_done == 1
+
+
+def test_the_real_engine_stops_when_superseded(sd15_engine):
+    loop = LiveLoop(sd15_engine)
+    calls, newer = [], []
+
+    def count_and_supersede(*args):
+        calls.append(1)
+        if len(calls) == 2:  # a newer input arrives during the second UNet call
+            newer.append(loop.submit("s1", Request(prompt="newer", steps=1)))
+
+    hook = sd15_engine.txt2img.unet.register_forward_hook(count_and_supersede)
+    try:
+        first = loop.submit("s1", Request(prompt="slow", steps=8))
+        assert first.future.result(timeout=30) == SUPERSEDED
+        assert newer[0].future.result(timeout=30).result.params["prompt"] == "newer"
+        assert len(calls) == 2 + 1  # slow stopped at its next boundary; newer ran its one step
+    finally:
+        hook.remove()
+        loop.close()

@@ -1,6 +1,7 @@
 """The live loop with its worker thread, on fake engines whose steps the test lets run (no sleeps, no clocks).
 
-The scheduling policy itself is tested step by step, without threads, in test_schedule.py.
+The scheduling policy itself is tested step by step, without threads, in test_schedule.py; the loop on the real
+engine in test_engine.py. No torch here: this module is in the unit tier.
 """
 
 import threading
@@ -10,6 +11,9 @@ import pytest
 from lcm_live.live import SUPERSEDED, Limits, LiveLoop, Outcome
 from lcm_live.request import GenerationError, Request, RequestRefused
 from tests.fakes import FakeEngine, GatedEngine
+
+
+pytestmark = pytest.mark.unit
 
 
 def generate(prompt, steps=4, **fields):
@@ -116,26 +120,6 @@ def test_a_failing_row_reports_its_error_and_the_loop_keeps_serving():
             job.future.result(timeout=5)
         assert loop.run_sync("s1", generate("after"), timeout=5).result.params["prompt"] == "after"
     finally:
-        loop.close()
-
-
-def test_the_real_engine_stops_when_superseded(sd15_engine):
-    loop = LiveLoop(sd15_engine)
-    calls, newer = [], []
-
-    def count_and_supersede(*args):
-        calls.append(1)
-        if len(calls) == 2:  # a newer input arrives during the second UNet call
-            newer.append(loop.submit("s1", Request(prompt="newer", steps=1)))
-
-    hook = sd15_engine.txt2img.unet.register_forward_hook(count_and_supersede)
-    try:
-        first = loop.submit("s1", Request(prompt="slow", steps=8))
-        assert first.future.result(timeout=30) == SUPERSEDED
-        assert newer[0].future.result(timeout=30).result.params["prompt"] == "newer"
-        assert len(calls) == 2 + 1  # slow stopped at its next boundary; newer ran its one step
-    finally:
-        hook.remove()
         loop.close()
 
 

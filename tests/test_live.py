@@ -348,11 +348,11 @@ def test_a_new_engine_warms_up_on_the_worker_between_steps_while_the_old_one_ser
     camera = threading.Thread(target=webcam)
     camera.start()
     try:
-        while len(seen) < 3:
+        while len(seen) < 3 and camera.is_alive():
             camera.join(0.01)
         assert loop.swap_engine(new, prepare=warm_up).result(timeout=5) is None
         count = len(seen)
-        while len(seen) < count + 3:
+        while len(seen) < count + 3 and camera.is_alive():
             camera.join(0.01)
     finally:
         stop.set()

@@ -58,7 +58,6 @@ class Worker:
         self.restarts = 0  # threads the watchdog had to replace
         self.errors = 0  # engine calls that raised and were survived
         self.last_error: str | None = None  # the last of those, without server paths
-        self._error: BaseException | None = None  # the last error, for a failed warm-up's waiter
         self._thread = self._spawn()
         self._watchdog = threading.Thread(target=self._watch, name=f"{name}-watchdog", daemon=True)
         self._watchdog.start()
@@ -120,8 +119,14 @@ class Worker:
 
     def _swap(self, swap: Swap) -> None:
         """Warm the new engine up (its captures too) between two steps of the old one, then serve with it."""
-        if swap.prepare is not None and self._call("warming up the new model", [], swap.prepare) is _FAILED:
-            resolve(swap.ready, error=self._error)  # the loader reports it as a failed load
+        try:
+            if swap.prepare is not None:
+                swap.prepare()
+        except BaseException as error:  # the loader reports it as a failed load; the old model keeps serving
+            self._failed("warming up the new model", [], error)
+            resolve(swap.ready, error=error)
+            if not isinstance(error, Exception):
+                raise  # the thread ends: the watchdog starts another
             return
         self.loop._serve_with(swap.engine)
         resolve(swap.ready, None)
@@ -202,7 +207,6 @@ class Worker:
 
     def _failed(self, what: str, jobs: list[Job], error: BaseException) -> None:
         """Fail the jobs an error touched and log it once; a bad request is its caller's business, not the log's."""
-        self._error = error
         if not isinstance(error, ValueError):
             self.errors += 1
             self.last_error = _describe(error)

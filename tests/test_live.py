@@ -374,3 +374,15 @@ def test_a_new_engine_whose_warm_up_fails_is_not_served():
         assert loop.alive and not new.calls
     finally:
         loop.close()
+
+
+def test_a_warm_up_that_ends_the_worker_thread_still_answers_the_loader():
+    old, new = FakeEngine(step_s=0.0), FakeEngine(step_s=0.0)
+    loop = LiveLoop(old)
+    try:
+        ready = loop.swap_engine(new, prepare=_raising(lambda: None, WorkerExit("capture went wrong")))
+        assert isinstance(ready.exception(timeout=5), WorkerExit)  # the loader is not left waiting
+        assert loop.run_sync("a:t", generate("still"), timeout=5) != SUPERSEDED and loop.engine is old
+        assert loop.info["worker_note"].startswith("The worker restarted once")
+    finally:
+        loop.close()

@@ -10,6 +10,7 @@ to a file they uploaded, and a visitor's failed load says the same whatever the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -22,7 +23,7 @@ import torch
 from .device import Runtime
 from .engine import Engine
 from .presets import PRESETS, ModelSpec, resolve_spec
-from .request import ModelLoadError
+from .request import ModelLoadError, Request
 from .text import display_name, markdown_text, public_text
 
 
@@ -72,6 +73,19 @@ class LoadStatus:
     error: str | None = None  # what the page says about the last failed load (the log has why)
     seconds: float = 0.0  # how long the last load took
     by_visitor: bool = False  # a visitor asked for this load (its failure then says nothing more than that)
+
+
+def warm_up(engine: Engine, progress=None) -> None:
+    """A loaded engine's first runs (a warm-up image, its CUDA graphs, a webcam frame's time), on the loop's worker."""
+    if progress:
+        progress(0.95, "Warming up")
+    engine.generate(Request(prompt="warm-up", steps=2))
+    if engine.unet_graphs.enabled:
+        if progress:
+            progress(0.97, "Capturing CUDA graphs")
+        seconds = engine.prepare_graphs()
+        engine.notes.append(f"CUDA graphs captured for {engine.native_size}px batches in {seconds:.1f} s.")
+    engine.frame_ms = engine.time_frame()
 
 
 class ModelManager:
@@ -153,8 +167,12 @@ class ModelManager:
         start = time.perf_counter()
         try:
             engine = Engine.load(spec, self.runtime_for(spec), taesd=self.taesd and not spec.is_embedded,
-                                 local_files_only=self.offline, progress=self._progress,
+                                 local_files_only=self.offline, progress=self._progress, warmup=False,
                                  compile=self.compile)  # fmt: skip
+            # The warm-up and CUDA-graph captures run on the loop's worker between two steps of the current
+            # model (GPU work on one thread); this thread waits until the new model serves.
+            warm = None if self.compile else functools.partial(warm_up, engine, self._progress)
+            self.loop.swap_engine(engine, prepare=warm).result()
         except Exception as error:  # a failed load must not kill the server: the page says so, the log says why
             expected = isinstance(error, ModelLoadError)
             log.warning("could not load %s (base=%r, lora=%r): %s", spec.name, spec.base, spec.lora,
@@ -162,7 +180,6 @@ class ModelManager:
             self.status = LoadStatus(error=self._failure(spec, by_visitor, error), by_visitor=by_visitor,
                                      seconds=time.perf_counter() - start)  # fmt: skip
             return
-        self.loop.swap_engine(engine)
         self.status = LoadStatus(seconds=time.perf_counter() - start, message=f"Loaded {spec.name}")
 
     def _failure(self, spec: ModelSpec, by_visitor: bool, error: Exception | None = None) -> str:
@@ -180,6 +197,9 @@ class ModelManager:
                  f"{markdown_text(info['decoder'])}"]  # fmt: skip
         status = self.status
         lines += [f"Note: {markdown_text(public_text(note))}" for note in self.engine.notes]
+        worker = self.loop.info.get("worker_note")  # the live loop's worker had to restart
+        if worker:
+            lines.append(f"**{markdown_text(worker)}**")
         if status.loading:
             lines.append(f"Loading **{markdown_text(status.loading)}**: {markdown_text(public_text(status.message))} "
                          f"({status.fraction:.0%})")  # fmt: skip

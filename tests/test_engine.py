@@ -6,16 +6,26 @@ import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from lcm_live.engine import Engine
+from lcm_live.live import SUPERSEDED, LiveLoop
 from lcm_live.pngmeta import read_params, save_png
 from lcm_live.presets import ModelSpec, resolve_spec
 from lcm_live.request import GenerationStopped, ModelLoadError, Request
 
 
-def _count_calls(module):
-    """Attach a forward hook to `module`; returns a list whose length is the number of calls."""
-    calls = []
-    module.register_forward_hook(lambda *args: calls.append(1))
-    return calls
+@pytest.fixture
+def count_calls():
+    """`count_calls(module)`: a list that grows by one per forward call; the hooks come off after the test (the
+    engine is shared by the whole session)."""
+    handles = []
+
+    def attach(module):
+        calls = []
+        handles.append(module.register_forward_hook(lambda *args: calls.append(1)))
+        return calls
+
+    yield attach
+    for handle in handles:
+        handle.remove()
 
 
 @pytest.mark.parametrize(
@@ -47,8 +57,8 @@ def test_kohya_and_peft_files_fuse_to_the_same_weights(tiny_models, cpu32):
         torch.testing.assert_close(param, peft_weights[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_slider_changes_reuse_the_text_embeddings(sd15_engine):
-    calls = _count_calls(sd15_engine.txt2img.text_encoder)
+def test_slider_changes_reuse_the_text_embeddings(sd15_engine, count_calls):
+    calls = count_calls(sd15_engine.txt2img.text_encoder)
     sd15_engine.generate(Request(prompt="a cached prompt", seed=1))
     assert len(calls) == 1
     for change in (dict(seed=2), dict(steps=2), dict(width=72), dict(seed=3, height=80)):
@@ -68,8 +78,8 @@ def test_negative_prompt_is_encoded_only_with_guidance(sd15_engine):
     assert "negative_prompt" not in a.params and c.params["negative_prompt"] == "red"
 
 
-def test_stop_at_step_boundary_runs_fewer_unet_steps(sd15_engine):
-    calls = _count_calls(sd15_engine.txt2img.unet)
+def test_stop_at_step_boundary_runs_fewer_unet_steps(sd15_engine, count_calls):
+    calls = count_calls(sd15_engine.txt2img.unet)
     sd15_engine.generate(Request(prompt="stop me", steps=8))
     full = len(calls)
     assert full == 8
@@ -79,10 +89,11 @@ def test_stop_at_step_boundary_runs_fewer_unet_steps(sd15_engine):
     assert len(calls) == 2 and stopped.value.steps_done == 2
 
 
-def test_stop_is_not_honoured_in_the_last_step(sd15_engine):
-    calls = _count_calls(sd15_engine.txt2img.unet)
-    result = sd15_engine.generate(Request(prompt="last", steps=2), should_stop=lambda: len(calls) >= 2)
-    assert result.timings.unet_steps == 2
+def test_stop_is_not_honoured_in_the_last_step(sd15_engine, count_calls):
+    calls = count_calls(sd15_engine.txt2img.unet)
+    # asks to stop from the end of the first step on: only the last step sees it, and finishes anyway
+    result = sd15_engine.generate(Request(prompt="last", steps=2), should_stop=lambda: len(calls) >= 1)
+    assert result.timings.unet_steps == 2 and len(calls) == 2
 
 
 def test_same_seed_same_image_other_seed_other_image(sd15_engine):
@@ -93,9 +104,9 @@ def test_same_seed_same_image_other_seed_other_image(sd15_engine):
     assert a.image.tobytes() != c.image.tobytes()
 
 
-def test_img2img_runs_at_least_one_step(sd15_engine):
+def test_img2img_runs_at_least_one_step(sd15_engine, count_calls):
     source = sd15_engine.generate(Request(prompt="source", seed=1)).image
-    calls = _count_calls(sd15_engine.img2img.unet)
+    calls = count_calls(sd15_engine.img2img.unet)
     result = sd15_engine.generate(Request(prompt="edit", image=source, strength=0.05, steps=4))
     assert len(calls) == 1 and result.timings.unet_steps == 1
     assert result.params["mode"] == "img2img" and result.params["strength"] >= 0.25
@@ -190,3 +201,23 @@ def test_compiled_unet_generates_the_same_image_and_stops_at_step_boundaries(tin
     with pytest.raises(GenerationStopped) as stopped:
         engine.generate(Request(prompt="compiled", steps=6), should_stop=lambda: asked.append(1) or len(asked) > 1)
     assert stopped.value.steps_done == 1
+
+
+def test_the_real_engine_stops_when_superseded(sd15_engine):
+    loop = LiveLoop(sd15_engine)
+    calls, newer = [], []
+
+    def count_and_supersede(*args):
+        calls.append(1)
+        if len(calls) == 2:  # a newer input arrives during the second UNet call
+            newer.append(loop.submit("s1", Request(prompt="newer", steps=1)))
+
+    hook = sd15_engine.txt2img.unet.register_forward_hook(count_and_supersede)
+    try:
+        first = loop.submit("s1", Request(prompt="slow", steps=8))
+        assert first.future.result(timeout=30) == SUPERSEDED
+        assert newer[0].future.result(timeout=30).result.params["prompt"] == "newer"
+        assert len(calls) == 2 + 1  # slow stopped at its next boundary; newer ran its one step
+    finally:
+        hook.remove()
+        loop.close()

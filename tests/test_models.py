@@ -1,19 +1,23 @@
 """Model management: start-up fallback, background switching with progress, and the settle upgrade."""
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
+import gradio as gr
 import pytest
 from diffusers import AutoencoderTiny
 
+from lcm_live import models
 from lcm_live.device import pick_runtime
 from lcm_live.handlers import LiveApp
 from lcm_live.live import LiveLoop
 from lcm_live.models import ModelManager
 from lcm_live.pngmeta import read_params
 from lcm_live.presets import PRESETS, ModelSpec
+from lcm_live.request import GenerationError
 from lcm_live.settings import Settings
 
 
@@ -35,9 +39,16 @@ def test_an_unreachable_model_leaves_the_embedded_model_serving_and_says_why(man
     assert "embedded demo model" in text and "offline and not cached" in text
 
 
-def test_switching_loads_in_the_background_and_takes_over(manager, tiny_models):
+def test_switching_loads_in_the_background_and_takes_over(manager, tiny_models, monkeypatch):
     paths = tiny_models["sdxl"]
-    seen_progress = []
+    seen_progress, warmed_on = [], []
+
+    def warm_up(engine, progress):  # GPU work on one thread: the new model warms up on the loop's worker
+        warmed_on.append(threading.current_thread().name)
+        real_warm_up(engine, progress)
+
+    real_warm_up = models.warm_up
+    monkeypatch.setattr(models, "warm_up", warm_up)
     assert manager.switch(ModelSpec(paths["base"], paths["lora"]))
     while manager.status.loading:
         seen_progress.append(manager.status_markdown())
@@ -45,9 +56,28 @@ def test_switching_loads_in_the_background_and_takes_over(manager, tiny_models):
     manager.wait(60)
     assert any("Loading" in line for line in seen_progress)
     assert manager.engine.family == "sdxl" and manager.status.error is None
+    assert warmed_on == ["lcm-live-worker"] and manager.engine.frame_ms > 0
     assert not manager.engine.info["embedded"]
     result = manager.loop.run_sync("s", _request("after switch"), 30)
     assert result.result.params["model"] == "sdxl/base"  # a local folder, without the server's own path
+
+
+def test_the_status_line_says_when_the_worker_had_to_restart(manager):
+    class WorkerExit(BaseException):
+        """Not an Exception: it ends the worker thread, as a bug in the loop would."""
+
+    engine, real_step = manager.engine, manager.engine.step
+
+    def step(*args, **kwargs):
+        engine.step = real_step
+        raise WorkerExit("lost at /srv/lcm/worker.py")
+
+    engine.step = step
+    with pytest.raises(GenerationError, match="restarted"):
+        manager.loop.run_sync("s", _request("lost"), 30)
+    assert manager.loop.run_sync("s", _request("after"), 30).result.params["prompt"] == "after"
+    text = manager.status_markdown().replace("\\", "")
+    assert "The worker restarted once (last error: WorkerExit: lost at &lt;path&gt;)" in text and "/srv" not in text
 
 
 def run_async(coroutine):
@@ -82,6 +112,6 @@ def test_settle_upgrade_replaces_the_tiny_preview_with_the_full_decode(manager):
         sharp = run_async(app.settle("txt2img", session))
         params = read_params(sharp)
         assert params["decoder"] == "full" and params["prompt"] == "still input"
-        assert run_async(app.settle("txt2img", session)) != sharp  # nothing left to upgrade: skipped
+        assert run_async(app.settle("txt2img", session)) == gr.skip()  # nothing left to upgrade: skipped
     finally:
         engine.tiny_vae = None

@@ -37,8 +37,15 @@ class SimRow:
         return self.request.width * self.request.height
 
 
+@dataclass(frozen=True)
+class SimRuntime:
+    device: str = "cpu"
+    label: str = "cpu simulated"
+
+
 class SimulatedEngine:
     native_size = 64
+    runtime = SimRuntime()
     info = dict(model="simulated", runtime="cpu simulated", native_size=64, embedded=False, decoder="VAE",
                 family="sd15")  # fmt: skip
 
@@ -88,6 +95,10 @@ class SimulatedEngine:
     def refine(self, latents, params: dict) -> Result:
         pause(self.decode_s)
         return Result(Image.new("RGB", (8, 8)), {**params, "decoder": "full"}, Timings(decode_ms=self.decode_s * 1e3))
+
+    def warm(self, limit: int | None = 1) -> int:
+        """No CUDA graphs to capture."""
+        return 0
 
     def generate(self, request: Request, should_stop=None) -> Result:
         """One request alone, stopping between blocks when `should_stop()` says so (except in its last step)."""

@@ -2,8 +2,9 @@
 
 On a GPU a 4-step image is launch-bound in eager mode: a UNet call is hundreds of small kernels, each launched
 from Python. A captured graph replays them all with one launch. The batch is padded up to a power of two, so a
-handful of graphs covers every batch size. A shape seen for the first time runs eagerly and is queued; the
-engine captures queued shapes when it is idle (`capture_pending`), so no user's request waits for a capture.
+handful of graphs covers every batch size. A shape seen for the first time runs eagerly and is queued; the live
+loop's worker captures one queued shape between two steps (`capture_pending`, through `Engine.warm`), on the same
+thread as every other GPU call, so a capture never overlaps a step and a request waits at most one capture.
 """
 
 from __future__ import annotations

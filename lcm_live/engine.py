@@ -88,7 +88,7 @@ class Engine:
             engine = cls(pipe, spec, runtime, family, tiny)
             engine.notes, engine.compiled = notes, compile
             # 3. A warm-up run (compiles), CUDA graphs for the native size, and a webcam frame's time.
-            if warmup or compile:
+            if warmup:
                 engine.warm_up(stage)
         except Exception:
             log.debug("loading %s failed", spec.name, exc_info=True)  # the full traceback with --verbose

@@ -23,7 +23,7 @@ import torch
 from .device import Runtime
 from .engine import Engine
 from .presets import PRESETS, ModelSpec, resolve_spec
-from .request import ModelLoadError, Request
+from .request import ModelLoadError
 from .text import display_name, markdown_text, public_text
 
 
@@ -73,19 +73,6 @@ class LoadStatus:
     error: str | None = None  # what the page says about the last failed load (the log has why)
     seconds: float = 0.0  # how long the last load took
     by_visitor: bool = False  # a visitor asked for this load (its failure then says nothing more than that)
-
-
-def warm_up(engine: Engine, progress=None) -> None:
-    """A loaded engine's first runs (a warm-up image, its CUDA graphs, a webcam frame's time), on the loop's worker."""
-    if progress:
-        progress(0.95, "Warming up")
-    engine.generate(Request(prompt="warm-up", steps=2))
-    if engine.unet_graphs.enabled:
-        if progress:
-            progress(0.97, "Capturing CUDA graphs")
-        seconds = engine.prepare_graphs()
-        engine.notes.append(f"CUDA graphs captured for {engine.native_size}px batches in {seconds:.1f} s.")
-    engine.frame_ms = engine.time_frame()
 
 
 class ModelManager:
@@ -171,7 +158,7 @@ class ModelManager:
                                  compile=self.compile)  # fmt: skip
             # The warm-up and CUDA-graph captures run on the loop's worker between two steps of the current
             # model (GPU work on one thread); this thread waits until the new model serves.
-            warm = None if self.compile else functools.partial(warm_up, engine, self._progress)
+            warm = functools.partial(engine.warm_up, self._progress)  # a compiled UNet compiles here too
             self.loop.swap_engine(engine, prepare=warm).result()
         except Exception as error:  # a failed load must not kill the server: the page says so, the log says why
             expected = isinstance(error, ModelLoadError)

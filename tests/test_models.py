@@ -10,8 +10,8 @@ import gradio as gr
 import pytest
 from diffusers import AutoencoderTiny
 
-from lcm_live import models
 from lcm_live.device import pick_runtime
+from lcm_live.engine import Engine
 from lcm_live.handlers import LiveApp
 from lcm_live.live import LiveLoop
 from lcm_live.models import ModelManager
@@ -43,12 +43,12 @@ def test_switching_loads_in_the_background_and_takes_over(manager, tiny_models, 
     paths = tiny_models["sdxl"]
     seen_progress, warmed_on = [], []
 
-    def warm_up(engine, progress):  # GPU work on one thread: the new model warms up on the loop's worker
+    def warm_up(engine, progress=None):  # GPU work on one thread: the new model warms up on the loop's worker
         warmed_on.append(threading.current_thread().name)
         real_warm_up(engine, progress)
 
-    real_warm_up = models.warm_up
-    monkeypatch.setattr(models, "warm_up", warm_up)
+    real_warm_up = Engine.warm_up
+    monkeypatch.setattr(Engine, "warm_up", warm_up)
     assert manager.switch(ModelSpec(paths["base"], paths["lora"]))
     while manager.status.loading:
         seen_progress.append(manager.status_markdown())

@@ -49,6 +49,8 @@ def build(settings: Settings):
     if not wanted.is_embedded:
         manager.switch(wanted)
     app = LiveApp(manager, loop, store)
+    if settings.live_socket:
+        attach_sockets(app, settings)
     demo = build_ui(app)
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=None)
     return demo, app
@@ -74,6 +76,8 @@ def build_on_replicas(settings: Settings):
     limits = Limits(max_cost=settings.max_cost, session_jobs=settings.session_jobs,
                     address_jobs=settings.address_jobs)  # fmt: skip
     app = LiveApp(manager, loop, limits=limits)
+    if settings.live_socket:
+        attach_sockets(app, settings)
     try:
         demo = build_ui(app)
     except BaseException:
@@ -83,11 +87,25 @@ def build_on_replicas(settings: Settings):
     return demo, app
 
 
-def launch(settings: Settings, **options):
-    """Build and start the server; `options` go to `Blocks.launch` (the tests pass prevent_thread_lock)."""
+def attach_sockets(app, settings: Settings) -> None:
+    """The live WebSocket for webcam frames (lcm_live/stream.py), capped as uploads are."""
+    from lcm_live.stream import attach
+
+    attach(app, settings.max_file_size, settings.live_quality)
+
+
+def launch(settings: Settings, built=None, **options):
+    """Build (or take `built`, a (demo, app) pair) and start the server; `options` go to `Blocks.launch` (the tests
+    pass prevent_thread_lock)."""
     from lcm_live.ui import CSS
 
-    demo, app = build(settings)
+    demo, app = built or build(settings)
+    if getattr(app, "sockets", None) is not None:  # the live socket, served beside the page's own routes
+        from lcm_live.stream import routes
+
+        kwargs = dict(options.pop("app_kwargs", None) or {})
+        kwargs["routes"] = [*kwargs.get("routes", []), *routes(app.sockets)]
+        options["app_kwargs"] = kwargs
     proxies = trusted_proxies(settings)
     if proxies is not None:  # uvicorn reads it when Gradio starts the server, below
         os.environ["FORWARDED_ALLOW_IPS"] = proxies

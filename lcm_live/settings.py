@@ -39,6 +39,8 @@ class Settings:
     session_jobs: int = 6  # one browser session's (or API client's) queued + running jobs
     address_jobs: int = 12  # the same for every session from one client address
     trusted_proxies: str | None = None  # proxies whose X-Forwarded-For is believed; None: see app.trusted_proxies
+    live_socket: bool = True  # webcam frames over a WebSocket (/live/ws); off: the Gradio stream only
+    live_quality: int = 80  # JPEG quality (1-95) of the frames the live socket sends
 
     @property
     def ray_mode(self) -> bool:
@@ -98,6 +100,10 @@ class Settings:
                             help="comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
                                  "names the visitor (default: 127.0.0.1,::1; on a Hugging Face Space also its "
                                  "private networks)")  # fmt: skip
+        parser.add_argument("--live-socket", action=argparse.BooleanOptionalAction, default=env.live_socket,
+                            help="stream webcam frames over a WebSocket (off: the slower Gradio stream only)")  # fmt: skip
+        parser.add_argument("--live-quality", type=int, default=env.live_quality,
+                            help="JPEG quality (1-95) of the frames the live socket sends back")  # fmt: skip
         parser.add_argument("--replicas", default=env.replicas, metavar="N|MIN:MAX",
                             help="serve from N Ray Serve replicas (or autoscale MIN:MAX); needs ray[serve]")  # fmt: skip
         parser.add_argument("--ray-address", default=env.ray_address or environ.get("RAY_ADDRESS") or None,
@@ -108,6 +114,8 @@ class Settings:
         try:
             if args.replicas is not None:
                 replica_range(args.replicas)
+            if not 1 <= args.live_quality <= 95:
+                raise ValueError(f"--live-quality must be from 1 to 95; got {args.live_quality}.")
             if args.replica_gpus < 0 or args.replica_cpus <= 0:
                 raise ValueError("--replica-gpus must be at least 0 and --replica-cpus above 0.")
         except ValueError as error:

@@ -408,7 +408,7 @@ PANEL = (
 )
 PANEL_CSS = """
 .live-bar { display: flex; gap: 12px; align-items: center; margin-bottom: 8px; }
-.live-start { padding: 6px 14px; border-radius: 6px; border: 1px solid var(--border-color-primary); cursor: pointer; }
+.live-start { padding: 6px 14px; white-space: nowrap; font-weight: 600; border-radius: 6px; border: 1px solid var(--border-color-primary); cursor: pointer; }
 .live-views { display: flex; gap: 8px; }
 .live-views video, .live-views img { width: 49%; max-height: 420px; object-fit: contain; background: #111; }
 .live-self { transform: scaleX(-1); }

@@ -21,7 +21,7 @@ const state = (window.lcmLive = { mode: "idle", shown: 0, sent: 0, latencies: []
   reason: "", errors: [] });
 let socket = null, camera = null, running = false, ready = false, capturing = false, pumpTimer = null;
 let inFlight = [], sentOnSocket = 0, lastSent = 0, lastParams = "", shownImage = null, readyTimer = null;
-let maxInFlight = 2, reconnects = 0, serverHud = "";
+let maxInFlight = 2, reconnects = 0, serverHud = "", nextDue = 0, fresh = true;
 
 function show(text) { hud.textContent = text; }
 
@@ -188,11 +188,15 @@ function shown(url, header, sentAt) {
 function pump() {
   if (!running || !ready || !socket || socket.readyState !== WebSocket.OPEN || capturing) return;
   if (inFlight.length >= maxInFlight) return;
-  const wait = lastSent + 1000 / MAX_SEND_FPS - performance.now();
+  const now = performance.now();
+  // At most MAX_SEND_FPS, and only a frame the camera has not sent yet (a slow camera is not sent twice).
+  const wait = Math.max(nextDue - now, fresh || now - lastSent > 200 ? 0 : 5);
   if (wait > 0 || !video.videoWidth) {
-    if (!pumpTimer) pumpTimer = setTimeout(() => { pumpTimer = null; pump(); }, Math.max(wait, 10));
+    if (!pumpTimer) pumpTimer = setTimeout(() => { pumpTimer = null; pump(); }, Math.max(wait, 5));
     return;
   }
+  nextDue = Math.max(nextDue, now - 1000 / MAX_SEND_FPS) + 1000 / MAX_SEND_FPS; // late sends catch up once
+  fresh = !tracksFrames;
   const ws = socket;
   const next = JSON.stringify(params());
   if (next !== lastParams) { ws.send(next); lastParams = next; }
@@ -216,5 +220,13 @@ function pump() {
   }, "image/jpeg", 0.8);
 }
 
+const tracksFrames = "requestVideoFrameCallback" in HTMLVideoElement.prototype;
+function watchCamera() { // marks each new camera frame, where the browser tells (requestVideoFrameCallback)
+  if (!tracksFrames) return;
+  const mark = () => { fresh = true; video.requestVideoFrameCallback(mark); };
+  video.requestVideoFrameCallback(mark);
+}
+
+watchCamera();
 button.addEventListener("click", start);
 window.addEventListener("pagehide", () => { if (socket) socket.close(1000); });

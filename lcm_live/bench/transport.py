@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image
 
-from ..request import Request, Result, Timings, image_digest
+from ..request import Result, Timings, image_digest
 from .serve import percentile, streams, webcam_frame
 from .sim import SimRow, SimulatedEngine, pause
 
@@ -29,7 +29,7 @@ from .sim import SimRow, SimulatedEngine, pause
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "a yellow triangle on a purple background"
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]  # fmt: skip
+                 "--use-fake-device-for-media-stream=fps=30", "--use-fake-ui-for-media-stream"]  # a 30 fps camera; fmt: skip
 
 
 def texture(size: int, seed: int = 0) -> Image.Image:
@@ -46,8 +46,8 @@ def camera_frame(index: int, width: int = 640, height: int = 480) -> Image.Image
 
 
 class FreeEngine(SimulatedEngine):
-    """The simulated engine making `size` x `size` images: the input frame resized over a texture (txt2img: the
-    texture), so that only the way frames travel costs time when `step_s` is 0."""
+    """The simulated engine making `size` x `size` images (a photo-like texture, whatever the input: what a model
+    returns costs it no CPU here), so that only the way frames travel costs time when `step_s` is 0."""
 
     def __init__(self, step_s: float = 0.0, size: int = 512):
         super().__init__(step_s, blocks=1)
@@ -56,16 +56,11 @@ class FreeEngine(SimulatedEngine):
                          family="sd15")  # fmt: skip
         self._texture = texture(size)
 
-    def start(self, request: Request) -> SimRow:
-        row = super().start(request)
-        row.warnings = list(row.warnings)
-        return row
-
     def _result(self, row: SimRow) -> Result:
         request = row.request
         size = (request.width, request.height)
         base = self._texture if self._texture.size == size else self._texture.resize(size)
-        image = base if request.image is None else Image.blend(request.image.resize(size), base, 0.3)
+        image = base
         params = dict(mode=request.mode, prompt=request.prompt, steps=request.steps, seed=request.seed,
                       width=request.width, height=request.height, model="simulated", decoder="full")  # fmt: skip
         if request.image is not None:

@@ -49,6 +49,7 @@ HEADER = struct.Struct(">I")  # the length of a result's JSON header
 PAGE_JS = Path(__file__).with_name("stream.js")
 MAX_TEXT_BYTES = 16 * 1024  # a params message; a prompt is cut to 1000 characters anyway
 MAX_TOKENS = 10_000  # tokens kept at once (the oldest go first)
+MAX_ANSWERS = 16  # answers of one socket not yet sent; more, and the client is not reading them: it is closed
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,8 @@ class LiveSockets:
         visitor = Visitor.of(request)
         self._expire()
         token = self._tokens.get(visitor.session)
-        if token is not None and self._tickets[token].address == visitor.address:
-            return token
+        if token is not None:  # a session's token is its first page load's, from that address only
+            return token if self._tickets[token].address == visitor.address else ""
         token = secrets.token_urlsafe(24)
         self._tickets[token] = Ticket(visitor.session, visitor.address)
         self._tokens[visitor.session] = token
@@ -231,6 +232,10 @@ class Connection:
         self._spawn(self.process(number, data, self.params))
 
     def answer_later(self, message: dict) -> None:
+        if len(self.tasks) >= MAX_ANSWERS:  # answers pile up unread: the client is not reading them
+            self._closed = True
+            self._spawn(self.websocket.close(code=1008))
+            return
         self._spawn(self.send_json(**message))
 
     def _spawn(self, coroutine) -> None:
@@ -259,12 +264,10 @@ class Connection:
         except Exception as error:  # never the socket's end, never the server's: the visitor hears, the log keeps it
             print(f"live socket: {type(error).__name__}: {error}", file=sys.stderr)
             answer = dict(type="error", frame=number, message="The frame could not be processed; try again.")
+        try:
+            await (self.send(answer) if isinstance(answer, bytes) else self.send_json(**answer))
         finally:
-            self.busy -= 1
-        if isinstance(answer, bytes):
-            await self.send(answer)
-        else:
-            await self.send_json(**answer)
+            self.busy -= 1  # after the answer went: a client that does not read holds its places
 
     async def _generate(self, number: int, data: bytes, params: FrameParams) -> dict | bytes:
         try:

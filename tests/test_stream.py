@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from lcm_live.bench.page_client import QueueSession
-from lcm_live.stream import FrameParams, decode_result, frame_params, same_origin
+from lcm_live.stream import FrameParams, LiveSockets, decode_result, frame_params, same_origin
 
 
 websockets = pytest.importorskip("websockets.sync.client")
@@ -154,6 +154,39 @@ def test_closing_the_socket_stops_its_work(url, live_server):
     while app.loop.latest_seq(slot) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert app.loop.latest_seq(slot) == 0  # the slot was forgotten: its work stopped, nothing is kept for it
+
+
+def test_a_flood_is_answered_frame_by_frame_and_dropped_at_the_door(url):
+    with open_socket(url, token_for(url)) as ws:
+        assert receive(ws)["type"] == "ready"
+        ws.send(json.dumps({"type": "params", "prompt": "flood", "steps": 4, "strength": 1.0}))
+        frame = jpeg((120, 60, 30))
+        for _ in range(8):  # a client that does not wait for answers
+            ws.send(frame)
+        answers = {}
+        while len(answers) < 8:
+            message = receive(ws)
+            header = message[0] if isinstance(message, tuple) else message
+            assert header["frame"] not in answers  # one answer per frame
+            answers[header["frame"]] = header
+    assert sorted(answers) == list(range(8))
+    kinds = [answers[n]["type"] for n in range(8)]
+    assert "frame" in kinds and any("may wait for an answer" in a.get("reason", "") for a in answers.values())
+
+
+def test_a_sessions_token_is_its_first_address_only():
+    from types import SimpleNamespace
+
+    def request(session, host):
+        return SimpleNamespace(session_hash=session, client=SimpleNamespace(host=host), request=None)
+
+    hub = LiveSockets(app=None)
+    token = hub.issue(request("page1", "192.0.2.1"))
+    assert token and hub.issue(request("page1", "192.0.2.1")) == token  # the same page asking again
+    assert hub.issue(request("page1", "192.0.2.66")) == ""  # someone else naming that session gets nothing
+    assert hub.issue(request("page2", "192.0.2.66")) not in ("", token)
+    hub.revoke(request("page1", "192.0.2.1"))
+    assert token not in hub._tickets
 
 
 def test_frame_params_and_origin_checks():

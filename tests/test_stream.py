@@ -13,7 +13,8 @@ from lcm_live.stream import FrameParams, LiveSockets, decode_result, frame_param
 
 
 websockets = pytest.importorskip("websockets.sync.client")
-InvalidStatus = pytest.importorskip("websockets.exceptions").InvalidStatus
+websockets_exceptions = pytest.importorskip("websockets.exceptions")
+InvalidStatus = websockets_exceptions.InvalidStatus
 
 
 def jpeg(color, size=(160, 120)) -> bytes:
@@ -172,6 +173,35 @@ def test_a_flood_is_answered_frame_by_frame_and_dropped_at_the_door(url):
     assert sorted(answers) == list(range(8))
     kinds = [answers[n]["type"] for n in range(8)]
     assert "frame" in kinds and any("may wait for an answer" in a.get("reason", "") for a in answers.values())
+
+
+def test_an_idle_socket_is_closed_with_a_message(url, live_server):
+    from dataclasses import replace
+
+    hub = live_server[1].sockets
+    limits = hub.limits
+    token = token_for(url)
+    hub.limits = replace(limits, idle_s=0.5)
+    try:
+        ws = open_socket(url, token)
+        assert receive(ws)["type"] == "ready"  # sent by the connection, which took the limits it was opened with
+    finally:
+        hub.limits = limits
+    with ws:
+        closing = receive(ws, timeout=10)
+        assert closing["type"] == "error" and closing["fatal"] and "No frame for 0.5 s" in closing["message"]
+        with pytest.raises(websockets_exceptions.ConnectionClosed):
+            ws.recv(timeout=10)
+
+
+def test_the_socket_is_an_operator_setting():
+    from lcm_live.settings import Settings
+
+    settings = Settings.from_args(["--no-live-socket", "--live-quality", "60"], environ={})
+    assert settings.live_socket is False and settings.live_quality == 60
+    assert Settings.from_args([], environ={"LCM_LIVE_LIVE_SOCKET": "false"}).live_socket is False
+    with pytest.raises(SystemExit):
+        Settings.from_args(["--live-quality", "0"], environ={})
 
 
 def test_a_sessions_token_is_its_first_address_only():

@@ -54,13 +54,14 @@ class FreeEngine(SimulatedEngine):
         self.native_size = size
         self.info = dict(model="simulated", runtime="cpu simulated", native_size=size, embedded=False, decoder="VAE",
                          family="sd15")  # fmt: skip
-        self._texture = texture(size)
+        self._textures = {(size, size): texture(size)}
 
     def _result(self, row: SimRow) -> Result:
         request = row.request
         size = (request.width, request.height)
-        base = self._texture if self._texture.size == size else self._texture.resize(size)
-        image = base
+        if size not in self._textures:  # the model's area at the input's aspect (a 4:3 camera: 592x440)
+            self._textures[size] = self._textures[self.native_size, self.native_size].resize(size)
+        image = self._textures[size]
         params = dict(mode=request.mode, prompt=request.prompt, steps=request.steps, seed=request.seed,
                       width=request.width, height=request.height, model="simulated", decoder="full")  # fmt: skip
         if request.image is not None:

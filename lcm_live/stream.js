@@ -189,6 +189,10 @@ function pump() {
   if (!running || !ready || !socket || socket.readyState !== WebSocket.OPEN || capturing) return;
   if (inFlight.length >= maxInFlight) return;
   const now = performance.now();
+  if (document.hidden || !element.offsetParent) { // another tab is on screen: send nothing (the socket idles out)
+    if (!pumpTimer) pumpTimer = setTimeout(() => { pumpTimer = null; pump(); }, 250);
+    return;
+  }
   // At most MAX_SEND_FPS, and only a frame the camera has not sent yet (a slow camera is not sent twice).
   const wait = Math.max(nextDue - now, fresh || now - lastSent > 200 ? 0 : 5);
   if (wait > 0 || !video.videoWidth) {

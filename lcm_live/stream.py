@@ -104,14 +104,13 @@ class LiveSockets:
         self._tickets[token] = Ticket(visitor.session, visitor.address)
         self._tokens[visitor.session] = token
         while len(self._tickets) > MAX_TOKENS:
-            old, ticket = self._tickets.popitem(last=False)
+            _, ticket = self._tickets.popitem(last=False)
             self._tokens.pop(ticket.session, None)
         return token
 
     def revoke(self, request: gr.Request = None) -> None:
         """The page closed (demo.unload): its token stops working; an open socket ends with the session's work."""
-        session = getattr(request, "session_hash", None)
-        token = self._tokens.pop(Visitor.of(request).session, None) if session else None
+        token = self._tokens.pop(Visitor.of(request).session, None)
         if token is not None:
             self._tickets.pop(token, None)
 
@@ -153,7 +152,8 @@ class LiveSockets:
             message = (f"Too many live connections from your address (at most {self.limits.per_address}); close "
                        "another tab's camera and try again.")  # fmt: skip
             await _send_quietly(websocket, json.dumps(dict(type="error", message=message, fatal=True)))
-            await websocket.close(code=1008)
+            with contextlib.suppress(RuntimeError):  # the client may have gone already
+                await websocket.close(code=1008)
             return
         connection = Connection(self, websocket, ticket.session, address)
         self._connections[token] = connection
@@ -233,8 +233,9 @@ class Connection:
 
     def answer_later(self, message: dict) -> None:
         if len(self.tasks) >= MAX_ANSWERS:  # answers pile up unread: the client is not reading them
+            if not self._closed:
+                self._spawn(self.end("Answers were not being read: the live connection was closed."))
             self._closed = True
-            self._spawn(self.websocket.close(code=1008))
             return
         self._spawn(self.send_json(**message))
 

@@ -100,7 +100,7 @@ def launch(settings: Settings, built=None, **options):
     from lcm_live.ui import CSS
 
     demo, app = built or build(settings)
-    if getattr(app, "sockets", None) is not None:  # the live socket, served beside the page's own routes
+    if app.sockets is not None:  # the live socket, served beside the page's own routes
         from lcm_live.stream import routes
 
         kwargs = dict(options.pop("app_kwargs", None) or {})

@@ -119,6 +119,7 @@ class LiveApp:
         self.rates = RateMeter()
         places = one_shot_places or max(API_CONCURRENCY, getattr(loop, "max_batch", 0))
         self.gate = OneShotGate(places, self.limits.address_jobs)
+        self.sockets = None  # the live WebSocket for webcam frames (stream.LiveSockets), where the app serves one
 
     # ------------------------------------------------------------------ running
     @contextmanager

@@ -152,7 +152,7 @@ def webcam_tab(app: LiveApp, prompt_text: str) -> gr.Textbox | None:
     (stream.py), frames travel over it and the Gradio stream below is the fallback; returns the box its token
     comes in."""
     with gr.Tab("Webcam", id="webcam"):
-        token = stream.panel() if getattr(app, "sockets", None) is not None else None
+        token = stream.panel() if app.sockets is not None else None
         with gr.Row():
             with gr.Column():
                 camera = image_input(sources=["webcam"], streaming=True, type="pil", label="Webcam",

@@ -59,6 +59,8 @@ def build(settings: Settings):
     else:
         log.info("serving the embedded demo model")
     app = LiveApp(manager, loop, store)
+    if settings.live_socket:
+        attach_sockets(app, settings)
     demo = build_ui(app)
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=None)
     return demo, app
@@ -84,6 +86,8 @@ def build_on_replicas(settings: Settings):
     limits = Limits(max_cost=settings.max_cost, session_jobs=settings.session_jobs,
                     address_jobs=settings.address_jobs)  # fmt: skip
     app = LiveApp(manager, loop, limits=limits)
+    if settings.live_socket:
+        attach_sockets(app, settings)
     try:
         demo = build_ui(app)
     except BaseException:
@@ -93,21 +97,37 @@ def build_on_replicas(settings: Settings):
     return demo, app
 
 
-def launch(settings: Settings, **options):
-    """Build and start the server; `options` go to `Blocks.launch` (the tests pass prevent_thread_lock)."""
+def attach_sockets(app, settings: Settings) -> None:
+    """The live WebSocket for webcam frames (lcm_live/stream.py), capped as uploads are."""
+    from lcm_live.stream import attach
+
+    attach(app, settings.max_file_size, settings.live_quality)
+
+
+def launch(settings: Settings, built=None, **options):
+    """Build (or take `built`, a (demo, app) pair) and start the server; `options` go to `Blocks.launch` (the tests
+    pass prevent_thread_lock)."""
     from starlette.middleware import Middleware
 
     from lcm_live.connections import guarded_server
     from lcm_live.guard import RequestGuard
     from lcm_live.ui import CSS
 
-    demo, app = build(settings)
+    demo, app = built or build(settings)
+    if app.sockets is not None:  # the live socket, served beside the page's own routes
+        from lcm_live.stream import routes
+
+        kwargs = dict(options.pop("app_kwargs", None) or {})
+        kwargs["routes"] = [*kwargs.get("routes", []), *routes(app.sockets)]
+        options["app_kwargs"] = kwargs
     proxies = trusted_proxies(settings)
     if proxies is not None:  # uvicorn reads it when Gradio starts the server, below
         os.environ["FORWARDED_ALLOW_IPS"] = proxies
     # Every request is bounded before Gradio's routes see it; connections by the server's protocol (slowloris).
     guard = Middleware(RequestGuard, bounds=request_bounds(settings), blocks=demo)
-    options["app_kwargs"] = {**options.get("app_kwargs", {}), "middleware": [guard]}
+    kwargs = dict(options.pop("app_kwargs", None) or {})
+    kwargs["middleware"] = [guard, *kwargs.get("middleware", [])]  # the outermost of the app's own middleware
+    options["app_kwargs"] = kwargs
     sweep_upload_folder(demo.delete_cache[1] if demo.delete_cache else CACHE_RETENTION_S)
     # Gradio runs at most `max_threads` events at once (40 by default), whatever the concurrency limits; a live
     # keystroke holds one until the loop answers it, so 20 people typing filled them and then the queue (503s).

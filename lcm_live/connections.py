@@ -86,6 +86,17 @@ def guarded_protocol(base: type, table: AddressTable) -> type:
                 self._counted = None
             super().connection_lost(exc)
 
+        def handle_websocket_upgrade(self, *args, **kwargs):
+            """The connection becomes a WebSocket (its own protocol, its own limits in lcm_live/stream.py): the
+            headers deadline and this protocol's count end here, as this object will hear no connection_lost."""
+            if self._headers_deadline is not None:
+                self._headers_deadline.cancel()
+                self._headers_deadline = None
+            if self._counted is not None:
+                table.release(self._counted)
+                self._counted = None
+            return super().handle_websocket_upgrade(*args, **kwargs)
+
         def on_response_complete(self):
             super().on_response_complete()
             self._arm()

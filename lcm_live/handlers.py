@@ -186,6 +186,7 @@ class LiveApp:
         self.pacer = FramePacer()
         places = one_shot_places or max(API_CONCURRENCY, getattr(loop, "max_batch", 0))
         self.gate = OneShotGate(places, self.limits.address_jobs)
+        self.sockets = None  # the live WebSocket for webcam frames (stream.LiveSockets), where the app serves one
         self.decodes = AddressShare(DECODES_PER_ADDRESS, "images being read")
         self.streams = StreamBook(STREAMS_PER_ADDRESS, STREAM_IDLE_S)
 

@@ -45,6 +45,8 @@ class Settings:
     header_timeout: float = 10.0  # seconds a connection has to send a request's headers (slowloris)
     address_connections: int = 64  # open connections per address (trusted proxies are not counted)
     verbose: bool = False  # the libraries' warnings, progress bars and full tracebacks (failed loads and requests)
+    live_socket: bool = True  # webcam frames over a WebSocket (/live/ws); off: the Gradio stream only
+    live_quality: int = 80  # JPEG quality (1-95) of the frames the live socket sends
 
     @property
     def ray_mode(self) -> bool:
@@ -112,6 +114,10 @@ class Settings:
                             help="seconds a connection has to send a request's headers")  # fmt: skip
         parser.add_argument("--address-connections", type=int, default=env.address_connections,
                             help="open connections one address may hold (trusted proxies are not counted)")  # fmt: skip
+        parser.add_argument("--live-socket", action=argparse.BooleanOptionalAction, default=env.live_socket,
+                            help="stream webcam frames over a WebSocket (off: the slower Gradio stream only)")  # fmt: skip
+        parser.add_argument("--live-quality", type=int, default=env.live_quality,
+                            help="JPEG quality (1-95) of the frames the live socket sends back")  # fmt: skip
         parser.add_argument("--replicas", default=env.replicas, metavar="N|MIN:MAX",
                             help="serve from N Ray Serve replicas (or autoscale MIN:MAX); needs ray[serve]")  # fmt: skip
         parser.add_argument("--ray-address", default=env.ray_address or environ.get("RAY_ADDRESS") or None,
@@ -124,6 +130,8 @@ class Settings:
         try:
             if args.replicas is not None:
                 replica_range(args.replicas)
+            if not 1 <= args.live_quality <= 95:
+                raise ValueError(f"--live-quality must be from 1 to 95; got {args.live_quality}.")
             if args.replica_gpus < 0 or args.replica_cpus <= 0:
                 raise ValueError("--replica-gpus must be at least 0 and --replica-cpus above 0.")
             for flag in ("max_file_size", "max_body_size", "upload_quota"):

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import gradio as gr
 from gradio.context import LocalContext
 
+from . import stream
 from .handlers import DEMO_PROMPT, PHOTO_PROMPT, LiveApp  # noqa: F401  (the example prompts, named here too)
 from .inputs import ImageUpload
 from .presets import ASSETS, PRESETS, preset_choices
@@ -154,10 +155,13 @@ def image_tab(app: LiveApp, prompt_text: str, live: dict) -> None:
         app.settle_img2img, None, outputs[0], show_progress="hidden", api_visibility="private")  # fmt: skip
 
 
-def webcam_tab(app: LiveApp, prompt_text: str) -> None:
+def webcam_tab(app: LiveApp, prompt_text: str) -> gr.Textbox | None:
     """Webcam: the browser sends a frame as often as the model makes one (at most 30 a second); the server keeps
-    only the newest, and a newer frame never stops the one being made."""
+    only the newest, and a newer frame never stops the one being made. Where the app has a live socket
+    (stream.py), frames travel over it and the Gradio stream below is the fallback; returns the box its token
+    comes in."""
     with gr.Tab("Webcam", id="webcam"):
+        token = stream.panel() if app.sockets is not None else None
         with gr.Row():
             with gr.Column():
                 camera = image_input(sources=["webcam"], streaming=True, type="pil", label="Webcam",
@@ -171,6 +175,7 @@ def webcam_tab(app: LiveApp, prompt_text: str) -> None:
     camera.stream(app.webcam, inputs, outputs, stream_every=app.frame_interval(),
                   time_limit=None, concurrency_limit=16, concurrency_id="webcam", show_progress="hidden",
                   api_name="live_webcam", api_visibility="undocumented")  # fmt: skip
+    return token
 
 
 def sketch_tab(app: LiveApp, prompt_text: str, live: dict) -> None:
@@ -263,7 +268,7 @@ def build_ui(app: LiveApp, trigger_mode: str = "multiple") -> gr.Blocks:
         with gr.Tabs():
             text = text_tab(app, prompt_text, live)
             image_tab(app, prompt_text, live)
-            webcam_tab(app, prompt_text)
+            token = webcam_tab(app, prompt_text)
             sketch_tab(app, prompt_text, live)
             if getattr(app.manager, "policy", None) is not None and app.manager.policy.enabled:  # not with replicas
                 model_tab(app, status)
@@ -283,4 +288,8 @@ def build_ui(app: LiveApp, trigger_mode: str = "multiple") -> gr.Blocks:
                             followed], show_progress="hidden", api_name="page_status", api_visibility="undocumented",
                            queue=False)  # fmt: skip
         demo.unload(app.forget)
+        if token is not None:  # the page's token for its live socket; gone when the page closes
+            demo.load(app.sockets.issue, None, token, show_progress="hidden", api_name="live_token",
+                      api_visibility="undocumented")  # fmt: skip
+            demo.unload(app.sockets.revoke)
     return demo

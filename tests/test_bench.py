@@ -89,3 +89,13 @@ def test_img2img_preview_encodes_with_taesd():
         assert result.params["decoder"] == decoder and result.image.size == (64, 64)
     assert calls == ["tiny", "full"]
     assert engine.img2img.vae is engine.full_vae
+
+
+def test_transport_old_and_new_path_side_by_side(tmp_path):
+    """The simulated app in its own process; one client on each path (the smoke run leaves Chromium out)."""
+    data = run(tmp_path, "transport")
+    rows = {row["path"]: row for row in data["rows"]}
+    old, new = rows["old: /webcam_frame API (Gradio queue, PNG)"], rows["new: live socket (JPEG both ways)"]
+    for row in (old, new):
+        assert row["fps"] > 0 and row["latency_p50_ms"] > 0 and row["cpu_ms_per_frame"] > 0 and row["kib_down"] > 0
+    assert rows["loop alone (no transport)"]["fps"] > 0

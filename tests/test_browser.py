@@ -85,9 +85,37 @@ def test_uploading_an_image_runs_image_to_image(page, artifacts, tmp_path):
     page.screenshot(path=str(artifacts / "img2img.png"), full_page=True)
 
 
-def test_webcam_streams_distinct_frames(page, artifacts):
+def test_webcam_streams_over_the_live_socket_and_follows_the_prompt(page, live_server, artifacts):
+    """The fast path: the page captures the fake camera, sends JPEG frames over /live/ws and shows each result."""
     page.get_by_role("tab", name="Webcam").click()
-    page.get_by_text("Click to Access Webcam").click()
+    page.locator("#cam-live .live-start").click()
+    page.wait_for_function("window.lcmLive && window.lcmLive.mode === 'socket' && window.lcmLive.shown >= 5",
+                           timeout=30_000)  # fmt: skip
+    assert page.locator("#cam-input").is_hidden()  # the Gradio stream is only the fallback
+    assert page.locator("#cam-live-image").get_attribute("src").startswith("blob:")
+    assert "fps shown" in page.locator("#cam-live-hud").inner_text()
+    page.locator("#cam-prompt textarea").fill("a blue square in the rain")
+    page.wait_for_function("window.lcmLive.params.prompt === 'a blue square in the rain'", timeout=30_000)
+    shown = page.evaluate("window.lcmLive.shown")
+    page.wait_for_function(f"window.lcmLive.shown >= {shown + 5}", timeout=30_000)  # frames keep coming
+    assert page.evaluate("window.lcmLive.params.mode") == "img2img"
+    page.screenshot(path=str(artifacts / "webcam-socket.png"), full_page=True)
+    sockets = live_server[1].sockets
+    assert sockets.open_sockets("127.0.0.1") == 1
+    page.close()  # closing the tab ends the socket, and with it the session's webcam work
+    deadline = time.monotonic() + 10
+    while sockets.open_sockets("127.0.0.1") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sockets.open_sockets("127.0.0.1") == 0
+
+
+def test_webcam_falls_back_to_the_gradio_stream_when_the_socket_is_refused(page, artifacts):
+    page.route_web_socket("**/live/ws*", lambda ws: ws.close())  # a proxy that lets no WebSocket through
+    page.get_by_role("tab", name="Webcam").click()
+    page.locator("#cam-live .live-start").click()
+    page.wait_for_function("window.lcmLive.mode === 'fallback'", timeout=20_000)
+    assert "Fast stream unavailable" in page.locator("#cam-live-hud").inner_text()
+    page.locator("#cam-input").get_by_text("Click to Access Webcam").click()
     page.locator("#cam-input video").wait_for(state="visible", timeout=20_000)
     page.locator("#cam-input").get_by_role("button").filter(has_text="Record").or_(
         page.locator("#cam-input button[aria-label*='ecord']")

@@ -316,3 +316,17 @@ def test_a_normal_page_visit_still_works_after_all_this(live_server):
     assert Image.open(io.BytesIO(session.fetch(output_file(result)))).size[0] > 0
     session.close()
 
+
+
+def test_a_websocket_outlives_the_headers_deadline(strict_server):
+    """The headers deadline is for half-sent requests: a live socket (an upgraded connection) stays open past it."""
+    from test_stream import jpeg, open_socket, receive, result, token_for
+
+    url, _, _ = strict_server
+    with open_socket(url, token_for(url)) as ws:
+        assert receive(ws)["type"] == "ready"
+        time.sleep(2.0)  # twice the strict server's 1 s deadline
+        ws.send(json.dumps({"type": "params", "prompt": "still open", "strength": 0.5, "steps": 1, "seed": 0}))
+        ws.send(jpeg("red"))
+        header, _ = result(ws)
+        assert header["params"]["prompt"] == "still open"

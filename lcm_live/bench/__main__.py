@@ -1,4 +1,4 @@
-"""python -m lcm_live.bench {engine,compare,live,table,sweep,serve,replicas} [--smoke] [--out DIR]: see docs/benchmarks.md."""
+"""python -m lcm_live.bench {engine,compare,live,table,sweep,serve,replicas,transport} [--smoke] [--out DIR]: see docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -372,6 +372,32 @@ def cmd_replicas(args) -> dict:
     return _save(args, "replicas", data, markdown)
 
 
+# ---------------------------------------------------------------------- transport
+def cmd_transport(args) -> dict:
+    from . import transport
+
+    args.size = args.size or 512
+    if args.serve is not None:
+        transport.serve(args.serve, args.step_ms, args.size, args.quality, args.host)
+        return {}
+    meta, rows = transport.run(args)
+    header = ["path", "clients", "frames/s (all)", "per client min / max", "frame -> image p50 / p95 (ms)",
+              "server CPU (ms/frame)", "KiB down/frame"]  # fmt: skip
+    body = [[r["path"], r["clients"], r["fps"], f"{r['fps_min']} / {r['fps_max']}",
+             f"{r['latency_p50_ms']} / {r['latency_p95_ms']}", r["cpu_ms_per_frame"], r["kib_down"]]
+            for r in rows]  # fmt: skip
+    title = (f"transport: simulated engine {args.step_ms:g} ms a UNet step, {args.size}x{args.size}, img2img "
+             f"{args.steps} steps at strength {args.strength}, JPEG quality {args.quality}, clients at most "
+             f"{args.client_fps:g} frames/s")  # fmt: skip
+    markdown = (f"### {title}\n\n{table(header, body)}\nThe app (`python -m lcm_live.bench transport --serve PORT`) "
+                "runs in its own process; its CPU time over the measured window is divided by the frames delivered. "
+                "Latency: frame sent (captured, for Chromium) -> its image received (shown); the Gradio stream "
+                "cannot tell which frame an image answers.\n")  # fmt: skip
+    data = dict(step_ms=args.step_ms, size=args.size, steps=args.steps, strength=args.strength,
+                quality=args.quality, seconds=args.seconds, client_fps=args.client_fps, rows=rows, **meta)  # fmt: skip
+    return _save(args, "transport", data, markdown)
+
+
 # ---------------------------------------------------------------------- CLI
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lcm_live.bench", description="lcm-live benchmarks")
@@ -427,6 +453,21 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs (and torch threads) per replica")
     rp.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True,
                     help="also the same streams in this process, without Ray")  # fmt: skip
+    tr = sub.add_parser("transport", parents=[common],
+                        help="frames through the launched app: Gradio's queue vs the live socket, clients and Chromium")  # fmt: skip
+    tr.add_argument("--serve", type=int, default=None, metavar="PORT",
+                    help="only start the simulated app on PORT and leave it running")  # fmt: skip
+    tr.add_argument("--host", default=None, help="with --serve: address to listen on")
+    tr.add_argument("--step-ms", type=float, default=0.0, help="simulated UNet step (0: a free engine)")
+    tr.add_argument("--steps", type=int, default=2, help="img2img steps per frame")
+    tr.add_argument("--strength", type=float, default=0.5, help="img2img strength (UNet steps: steps x strength)")
+    tr.add_argument("--quality", type=int, default=80, help="the app's --live-quality")
+    tr.add_argument("--clients", default="1,8", help="numbers of raw clients per path")
+    tr.add_argument("--client-fps", type=float, default=30.0, help="most frames a socket client sends a second")
+    tr.add_argument("--seconds", type=float, default=6.0, help="measured seconds per case")
+    tr.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring, per case")
+    tr.add_argument("--browser", action=argparse.BooleanOptionalAction, default=True,
+                    help="also one Chromium page with the fake camera, old and new path")  # fmt: skip
     return p
 
 
@@ -446,9 +487,12 @@ def main(argv=None) -> dict:
             args.step_ms, args.decode_ms = 100.0, 20.0
         if args.command == "serve":
             args.streams, args.seconds, args.warmup, args.typists, args.app_streams = "1,2", 1.0, 0.3, 2, ""
+        if args.command == "transport":
+            args.size, args.clients, args.seconds, args.warmup, args.browser = 128, "1", 1.0, 0.5, False
     with core.threads(args.threads), torch.inference_mode(False):
         return {"engine": cmd_engine, "compare": cmd_compare, "live": cmd_live, "table": cmd_table,
-                "sweep": cmd_sweep, "serve": cmd_serve, "replicas": cmd_replicas}[args.command](args)  # fmt: skip
+                "sweep": cmd_sweep, "serve": cmd_serve, "replicas": cmd_replicas,
+                "transport": cmd_transport}[args.command](args)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -94,6 +94,12 @@ def launch(settings: Settings, **options):
     # Gradio runs at most `max_threads` events at once (40 by default), whatever the concurrency limits; a live
     # keystroke holds one until the loop answers it, so 20 people typing filled them and then the queue (503s).
     options.setdefault("max_threads", MAX_EVENTS)
+    if settings.openai_api:  # its routes go on the server's own FastAPI app
+        from lcm_live.openai_api import routes, upload_limit
+
+        app_kwargs = options.setdefault("app_kwargs", {})
+        app_kwargs["routes"] = [*app_kwargs.get("routes", []),
+                                *routes(app, settings.api_key, upload_limit(settings.max_file_size))]  # fmt: skip
     # show_error=False: visitors see the app's own messages (gr.Error), never an internal exception's text,
     # which can name server paths ("Cannot move /srv/app/x.png ..."); those go to the server log.
     try:

@@ -152,6 +152,13 @@ class LiveApp:
         except (ValueError, GenerationError) as error:
             raise _error(error) from error
 
+    async def run_one_shot(self, visitor: Visitor, tab: str, requests) -> Outcome | str:
+        """Another protocol's call (the OpenAI-style API): a slot of its own, through the one-shot gate; the loop's
+        ValueError (RequestRefused) and GenerationError come through as they are."""
+        with self._slot(visitor, tab, one_shot=True) as slot:
+            async with self.gate.enter(visitor):
+                return await self.loop.run(slot, requests)
+
     async def _generate(self, visitor: Visitor, tab: str, request: Request, one_shot: bool = False,
                         preempt: bool = True):  # fmt: skip
         """(png path, HUD), or None when newer input superseded it or its client left. One-shot calls, and live

@@ -39,6 +39,8 @@ class Settings:
     session_jobs: int = 6  # one browser session's (or API client's) queued + running jobs
     address_jobs: int = 12  # the same for every session from one client address
     trusted_proxies: str | None = None  # proxies whose X-Forwarded-For is believed; None: see app.trusted_proxies
+    openai_api: bool = False  # serve an OpenAI-style images API under /v1 (lcm_live/openai_api.py)
+    api_key: str | None = None  # a bearer key the OpenAI-style API (and MCP) require; None: open like the page
 
     @property
     def ray_mode(self) -> bool:
@@ -98,6 +100,10 @@ class Settings:
                             help="comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
                                  "names the visitor (default: 127.0.0.1,::1; on a Hugging Face Space also its "
                                  "private networks)")  # fmt: skip
+        parser.add_argument("--openai-api", action=argparse.BooleanOptionalAction, default=env.openai_api,
+                            help="serve an OpenAI-style images API at /v1 (generations, edits, models)")  # fmt: skip
+        parser.add_argument("--api-key", default=env.api_key,
+                            help="a key API clients must send as `Authorization: Bearer <key>` (or LCM_LIVE_API_KEY)")  # fmt: skip
         parser.add_argument("--replicas", default=env.replicas, metavar="N|MIN:MAX",
                             help="serve from N Ray Serve replicas (or autoscale MIN:MAX); needs ray[serve]")  # fmt: skip
         parser.add_argument("--ray-address", default=env.ray_address or environ.get("RAY_ADDRESS") or None,

@@ -94,12 +94,7 @@ def launch(settings: Settings, **options):
     # Gradio runs at most `max_threads` events at once (40 by default), whatever the concurrency limits; a live
     # keystroke holds one until the loop answers it, so 20 people typing filled them and then the queue (503s).
     options.setdefault("max_threads", MAX_EVENTS)
-    if settings.openai_api:  # its routes go on the server's own FastAPI app
-        from lcm_live.openai_api import routes, upload_limit
-
-        app_kwargs = options.setdefault("app_kwargs", {})
-        app_kwargs["routes"] = [*app_kwargs.get("routes", []),
-                                *routes(app, settings.api_key, upload_limit(settings.max_file_size))]  # fmt: skip
+    add_protocols(settings, app, options)
     # show_error=False: visitors see the app's own messages (gr.Error), never an internal exception's text,
     # which can name server paths ("Cannot move /srv/app/x.png ..."); those go to the server log.
     try:
@@ -111,6 +106,24 @@ def launch(settings: Settings, **options):
     if demo.delete_cache:
         start_cache_sweeper(demo, *demo.delete_cache)
     return demo, app
+
+
+def add_protocols(settings: Settings, app, options: dict) -> None:
+    """The opt-in protocols, on the page's own server: the OpenAI-style API's routes; MCP and its key guard."""
+    app_kwargs = options.setdefault("app_kwargs", {})
+    if settings.openai_api:
+        from lcm_live.openai_api import routes, upload_limit
+
+        app_kwargs["routes"] = [*app_kwargs.get("routes", []),
+                                *routes(app, settings.api_key, upload_limit(settings.max_file_size))]  # fmt: skip
+    if settings.mcp:
+        from starlette.middleware import Middleware
+
+        from lcm_live.mcp_server import McpGuard, check_installed
+
+        check_installed()
+        options.setdefault("mcp_server", True)
+        app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(McpGuard, api_key=settings.api_key)]
 
 
 def close(app) -> None:

@@ -41,6 +41,7 @@ class Settings:
     trusted_proxies: str | None = None  # proxies whose X-Forwarded-For is believed; None: see app.trusted_proxies
     openai_api: bool = False  # serve an OpenAI-style images API under /v1 (lcm_live/openai_api.py)
     api_key: str | None = None  # a bearer key the OpenAI-style API (and MCP) require; None: open like the page
+    mcp: bool = False  # serve the API endpoints as MCP tools (Gradio's MCP server, gradio[mcp])
 
     @property
     def ray_mode(self) -> bool:
@@ -104,6 +105,8 @@ class Settings:
                             help="serve an OpenAI-style images API at /v1 (generations, edits, models)")  # fmt: skip
         parser.add_argument("--api-key", default=env.api_key,
                             help="a key API clients must send as `Authorization: Bearer <key>` (or LCM_LIVE_API_KEY)")  # fmt: skip
+        parser.add_argument("--mcp", action=argparse.BooleanOptionalAction, default=env.mcp,
+                            help="serve the API endpoints as MCP tools at /gradio_api/mcp/ (needs gradio[mcp])")  # fmt: skip
         parser.add_argument("--replicas", default=env.replicas, metavar="N|MIN:MAX",
                             help="serve from N Ray Serve replicas (or autoscale MIN:MAX); needs ray[serve]")  # fmt: skip
         parser.add_argument("--ray-address", default=env.ray_address or environ.get("RAY_ADDRESS") or None,

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import hmac
 import io
+import json
 import random
 import re
 import sys
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 MODEL_ID = "lcm-live"  # what /v1/models lists; any `model` a client sends is served by the app's model
 MAX_N = 4  # images per call; they run as one job, batched together
 FORMATS = ("b64_json", "url")  # the first is the default (gpt-image clients read b64_json without asking)
+MAX_JSON_BYTES = 1_000_000  # a generation's JSON body
 GONE_POLL_S = 0.2  # how often a running call looks whether its client is still there
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 _FILE = re.compile(r"^[0-9a-f]{32}\.png$")  # OutputStore's names
@@ -232,8 +234,15 @@ class ImagesApi:
 
 # ---------------------------------------------------------------------- fields
 async def _json_object(request: Request) -> dict:
+    """The JSON body, read up to MAX_JSON_BYTES (a prompt and a few numbers; more is refused as it arrives)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_JSON_BYTES:
+            raise _too_large(size, MAX_JSON_BYTES)
+        chunks.append(chunk)
     try:
-        body = await request.json()
+        body = json.loads(b"".join(chunks))
     except Exception as error:  # not JSON, or not UTF-8
         raise ApiError(400, "The body must be a JSON object (Content-Type: application/json).") from error
     if not isinstance(body, dict):
@@ -304,8 +313,8 @@ def _fields(request: ImageRequest) -> dict:
 
 
 def _too_large(size: int, limit: int) -> ApiError:
-    return ApiError(413, f"The upload is {size / 1e6:.1f} MB; the limit is {limit / 1e6:.1f} MB.",
-                    code="file_too_large")  # fmt: skip
+    return ApiError(413, f"The request is over {size / 1e6:.1f} MB; the limit is {limit / 1e6:.1f} MB.",
+                    code="request_too_large")  # fmt: skip
 
 
 async def _while_connected(request: Request, awaitable):

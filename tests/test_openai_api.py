@@ -132,5 +132,7 @@ def test_an_upload_over_the_limit_is_413_and_the_server_keeps_serving(client, se
     headers = {"Authorization": f"Bearer {KEY}"}
     big = {"image": ("big.png", os.urandom(1_200_000), "image/png")}
     response = httpx.post(f"{server}/images/edits", files=big, data={"prompt": "x"}, headers=headers)
-    assert response.status_code == 413 and response.json()["error"]["code"] == "file_too_large"
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    huge = httpx.post(f"{server}/images/generations", json={"prompt": "x" * 1_100_000}, headers=headers)
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
     assert client.images.generate(prompt="still here", size="64x64").data[0].b64_json

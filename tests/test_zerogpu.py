@@ -204,17 +204,34 @@ def test_a_departed_session_is_dropped(zero):
 
 
 @pytest.mark.app
-def test_the_app_serves_in_zerogpu_mode_through_the_real_spaces_decorator(tmp_path_factory):
-    """--zerogpu on a machine without ZeroGPU: `spaces.GPU` is a no-op, each visitor's calls run in this process."""
-    pytest.importorskip("spaces")
+def test_the_app_serves_in_zerogpu_mode_through_the_real_spaces_decorator(tmp_path_factory, monkeypatch):
+    """--zerogpu on a machine without ZeroGPU: `spaces.GPU` is a no-op, each visitor's calls run in this process,
+    made in the Gradio context of the visitor's own event (whose request ZeroGPU charges)."""
+    spaces = pytest.importorskip("spaces")
     os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio-cache")))
     from gradio_client import Client
 
     from app import close, launch
+    from lcm_live import zerogpu
     from lcm_live.pngmeta import read_params
     from lcm_live.settings import Settings
     from tests.conftest import _free_port
 
+    charged = []
+
+    def real_gpu_seen(task=None, *, duration=None):
+        def decorate(task):
+            gpu_call = spaces.GPU(duration=duration)(task)
+
+            def call(*args):
+                charged.append(getattr(LocalContext.request.get(None), "session_hash", None))
+                yield from gpu_call(*args)
+
+            return call
+
+        return decorate
+
+    monkeypatch.setattr(zerogpu, "gpu_decorator", lambda: real_gpu_seen)
     settings = Settings(preset="demo", offline=True, port=_free_port(), zerogpu=True, allow_model_switch=True)
     demo, app = launch(settings, prevent_thread_lock=True)
     try:
@@ -223,7 +240,7 @@ def test_the_app_serves_in_zerogpu_mode_through_the_real_spaces_decorator(tmp_pa
         path = client.predict("a red circle", "", 2, 1.0, 7, 64, 64, api_name="/txt2img")
         params = read_params(path)
         assert params["prompt"] == "a red circle" and params["decoder"] == "full"
-        assert app.loop.stats.acquisitions == 1
+        assert app.loop.stats.acquisitions == 1 and charged == [client.session_hash]
     finally:
         demo.close()
         close(app)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing import Pipe
 from typing import Any
 
-from .live import SUPERSEDED, Limits, Outcome, session_of
+from .live import SUPERSEDED, Limits, Outcome
 from .request import MAX_STEPS, GenerationError, GenerationStopped, Request, RequestRefused, checked
 
 
@@ -329,6 +329,11 @@ class ZeroGpuLoop:
         except Exception as error:  # a bad request or a failed generation: that job's caller hears why
             return ("failed", job_id, "ValueError" if isinstance(error, ValueError) else "", str(error))
         return ("done", job_id, results, (time.perf_counter() - start) * 1e3)
+
+
+def session_of(slot: str) -> str:
+    """A slot's session (`session:tab`), as the live loop reads it."""
+    return slot.partition(":")[0]
 
 
 def _resolve(future: Future, value=None, error: BaseException | None = None) -> None:

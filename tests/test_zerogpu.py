@@ -113,7 +113,7 @@ async def _type(loop, visitor: str, text: str, pause: float = 0.03, steps: int =
 @pytest.fixture
 def zero():
     gpu, engine = FakeZeroGpu(), FakeEngine()
-    loop = ZeroGpuLoop(engine, Limits(), duration=20, idle_s=0.4, gpu=gpu)
+    loop = ZeroGpuLoop(engine, Limits(), duration=20, idle_s=1.0, gpu=gpu)
     yield SimpleNamespace(loop=loop, gpu=gpu, engine=engine)
     loop.close()
 
@@ -137,7 +137,7 @@ def test_a_typing_burst_costs_one_acquisition_and_the_newest_image_comes_back(ze
     assert all(o is SUPERSEDED or o.result.params["prompt"] for o in outcomes[:-1])
     assert zero.engine.outside == 0
 
-    time.sleep(0.8)  # idle: the call let the GPU go; the next burst acquires again
+    time.sleep(1.6)  # idle: the call let the GPU go; the next burst acquires again
     asyncio.run(_type(zero.loop, "alice", "a blue fox"))
     assert zero.gpu.acquisitions == {"alice": 2} and zero.loop.stats.acquisitions == 2
 

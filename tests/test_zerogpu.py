@@ -244,3 +244,25 @@ def test_the_app_serves_in_zerogpu_mode_through_the_real_spaces_decorator(tmp_pa
     finally:
         demo.close()
         close(app)
+
+
+def test_the_real_spaces_wrapper_against_a_fake_device_api():
+    """tests/zerogpu_device_api.py, in a process of its own (SPACES_ZERO_GPU makes `spaces` patch torch): the package's
+    own wrapper schedules each typing burst once per visitor, runs it in a forked worker and relays the refusal."""
+    pytest.importorskip("spaces")
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "zerogpu_device_api.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0 and lines, done.stderr[-2000:]
+    report = json.loads(lines[-1])
+    assert report["schedules"]["alice"] == 2  # two bursts of typing, one acquisition each
+    assert report["calls"]["/allow"] == 2 and report["calls"]["/release"] == 2
+    first, second = report["alice"]
+    assert first["prompt"] == "a red fox" and second["prompt"] == "a blue fox"
+    assert first["pid"] != report["pid"] and report["outside"] == 0  # made in the wrapper's worker only
+    assert report["bob_error"] == "GenerationError" and "exceeded your ZeroGPU quota" in report["bob"]

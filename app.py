@@ -27,6 +27,11 @@ def build(settings: Settings):
         os.environ["HF_HUB_OFFLINE"] = "1"
     if settings.ray_mode:
         return build_on_replicas(settings)
+    from lcm_live import zerogpu
+
+    zero = zerogpu.wanted(settings)
+    if zero:
+        zerogpu.gpu_decorator()  # imports `spaces` before torch: on ZeroGPU it patches torch for the start-up load
     from gradio.utils import get_upload_folder
 
     from lcm_live.device import pick_runtime
@@ -42,17 +47,23 @@ def build(settings: Settings):
     store = OutputStore()
     # Visitors use the operator's model unless told otherwise; nothing loads from uploads or outputs.
     uploads = (get_upload_folder(), os.path.join(tempfile.gettempdir(), "gradio"))  # GRADIO_TEMP_DIR, its default
-    policy = SwitchPolicy(presets=settings.allow_model_switch, custom=settings.allow_custom_models,
+    # No switching in ZeroGPU mode: its one model is loaded at start-up, where ZeroGPU moves models to its GPUs.
+    policy = SwitchPolicy(presets=settings.allow_model_switch and not zero,
+                          custom=settings.allow_custom_models and not zero,
                           refused_roots=(*uploads, str(store.folder)))  # fmt: skip
     manager = ModelManager(runtime, taesd=settings.taesd, offline=settings.offline,
                            auto_dtype=settings.dtype == "auto", compile=settings.compile, policy=policy)  # fmt: skip
     # Up in about a second on the embedded model, whatever the network does.
     limits = Limits(max_cost=settings.max_cost, session_jobs=settings.session_jobs,
                     address_jobs=settings.address_jobs)  # fmt: skip
-    loop = LiveLoop(manager.load_now(PRESETS["demo"], compile=settings.compile and wanted.is_embedded), limits,
-                    max_batch=settings.max_batch)  # fmt: skip
+    if zero:  # the requested model at start-up, as ZeroGPU expects; each visitor's GPU work in calls of their own
+        loop = zerogpu.ZeroGpuLoop(zerogpu.load_engine(manager, wanted), limits, settings.zerogpu_duration,
+                                   settings.zerogpu_idle)  # fmt: skip
+    else:
+        loop = LiveLoop(manager.load_now(PRESETS["demo"], compile=settings.compile and wanted.is_embedded), limits,
+                        max_batch=settings.max_batch)  # fmt: skip
     manager.attach(loop)
-    if not wanted.is_embedded:
+    if not wanted.is_embedded and not zero:
         manager.switch(wanted)
         log.info("serving the embedded demo model while %s loads in the background (the page shows its progress)",
                  wanted.name)  # fmt: skip
@@ -134,6 +145,7 @@ def launch(settings: Settings, built=None, **options):
     options.setdefault("max_threads", MAX_EVENTS)
     options.setdefault("quiet", not settings.verbose)  # Gradio's own start lines: ours below say the URL
     block = not options.pop("prevent_thread_lock", False)
+    add_protocols(settings, app, options)
     # show_error=False: visitors see the app's own messages (gr.Error), never an internal exception's text,
     # which can name server paths ("Cannot move /srv/app/x.png ..."); those go to the server log.
     try:
@@ -195,6 +207,24 @@ def sweep_upload_folder(age: float, folder: str | None = None) -> int:
             with contextlib.suppress(OSError):
                 os.rmdir(directory)  # only when empty
     return removed
+
+
+def add_protocols(settings: Settings, app, options: dict) -> None:
+    """The opt-in protocols, on the page's own server: the OpenAI-style API's routes; MCP and its key guard."""
+    app_kwargs = options.setdefault("app_kwargs", {})
+    if settings.openai_api:
+        from lcm_live.openai_api import routes, upload_limit
+
+        app_kwargs["routes"] = [*app_kwargs.get("routes", []),
+                                *routes(app, settings.api_key, upload_limit(settings.max_file_size))]  # fmt: skip
+    if settings.mcp:
+        from starlette.middleware import Middleware
+
+        from lcm_live.mcp_server import McpGuard, check_installed
+
+        check_installed()
+        options.setdefault("mcp_server", True)
+        app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(McpGuard, api_key=settings.api_key)]
 
 
 def close(app) -> None:

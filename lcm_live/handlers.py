@@ -232,6 +232,13 @@ class LiveApp:
         except (ValueError, GenerationError) as error:
             raise _error(error) from error
 
+    async def run_one_shot(self, visitor: Visitor, tab: str, requests) -> Outcome | str:
+        """Another protocol's call (the OpenAI-style API): a slot of its own, through the one-shot gate; the loop's
+        ValueError (RequestRefused) and GenerationError come through as they are."""
+        with self._slot(visitor, tab, one_shot=True) as slot:
+            async with self.gate.enter(visitor):
+                return await self.loop.run(slot, requests)
+
     async def _generate(self, visitor: Visitor, tab: str, request: Request, one_shot: bool = False,
                         preempt: bool = True):  # fmt: skip
         """(png path, HUD), or None when newer input superseded it or its client left. One-shot calls, and live
@@ -330,14 +337,51 @@ class LiveApp:
     # ------------------------------------------------------------------ the API (one call, one image)
     async def api_txt2img(self, prompt, negative_prompt="", steps=4, guidance_scale=1.0, seed=0, width=None,
                           height=None, request: gr.Request = None):  # fmt: skip
+        """Make an image from a text prompt with a fast few-step (LCM-LoRA) model; the same seed and parameters always
+        give the same image, and the PNG carries them in its text chunks.
+
+        Args:
+            prompt: What the image shows, in English (e.g. "a lighthouse at dusk, oil painting").
+            negative_prompt: What it should not show; used only when guidance_scale is above 1.
+            steps: Denoising steps, 1 to 8: 1 is a rough sketch, 4 is the model's usual quality.
+            guidance_scale: 1 to 2; 1 (the default for most models) is fastest, higher follows the prompt harder.
+            seed: A whole number from 0 to 4294967295; change it for a different image of the same prompt.
+            width: Width in pixels, a multiple of 8 (default: the model's native size).
+            height: Height in pixels, a multiple of 8 (default: the model's native size).
+        Returns:
+            The PNG image.
+        """
         req = _txt2img_request(prompt, negative_prompt, steps, guidance_scale, seed, width, height)
         shown = await self._generate(Visitor.of(request), "txt2img", req, one_shot=True)
         return shown[0] if shown is not None else gr.skip()
 
     async def api_img2img(self, image, prompt="", strength=0.5, steps=4, seed=0, request: gr.Request = None):
+        """Redraw an image to match a text prompt (image to image), keeping its composition; the PNG carries the
+        parameters.
+
+        Args:
+            image: The input image (a file, URL or data: URL); it is fitted to the model's size, keeping its aspect.
+            prompt: What the result should show (e.g. "the same scene in winter").
+            strength: 0.05 to 1: how far to move from the input; 0.3 keeps it close, 0.8 mostly follows the prompt.
+            steps: Denoising steps, 1 to 8 (only steps x strength of them run).
+            seed: A whole number from 0 to 4294967295.
+        Returns:
+            The PNG image.
+        """
         return await self._api_image("img2img", "image", image, prompt, strength, steps, seed, request)
 
     async def api_webcam_frame(self, image, prompt="", strength=0.5, steps=4, seed=0, request: gr.Request = None):
+        """One webcam frame redrawn to match a prompt: the same as api_img2img, for a stream of frames.
+
+        Args:
+            image: The frame.
+            prompt: What the result should show.
+            strength: 0.05 to 1: how far to move from the frame.
+            steps: Denoising steps, 1 to 8.
+            seed: A whole number from 0 to 4294967295.
+        Returns:
+            The PNG image.
+        """
         return await self._api_image("webcam", "frame", image, prompt, strength, steps, seed, request)
 
     async def _api_image(self, tab: str, what: str, image, prompt, strength, steps, seed, request):
@@ -350,6 +394,18 @@ class LiveApp:
 
     async def api_step_sweep(self, prompt, negative_prompt="", guidance_scale=1.0, seed=0, width=None, height=None,
                              request: gr.Request = None):  # fmt: skip
+        """Compare the step counts: one prompt and seed made at 1, 2, ... 8 steps, as one labelled grid image.
+
+        Args:
+            prompt: What the images show.
+            negative_prompt: What they should not show; used only when guidance_scale is above 1.
+            guidance_scale: 1 to 2.
+            seed: A whole number from 0 to 4294967295.
+            width: Width of each image in pixels, a multiple of 8 (default: the model's native size).
+            height: Height of each image in pixels, a multiple of 8 (default: the model's native size).
+        Returns:
+            The grid as a PNG image (two rows of four, labelled "1 step" to "8 steps").
+        """
         return await self._sweep(Visitor.of(request), prompt, negative_prompt, guidance_scale, seed, width, height,
                                  one_shot=True)  # fmt: skip
 

@@ -47,6 +47,12 @@ class Settings:
     verbose: bool = False  # the libraries' warnings, progress bars and full tracebacks (failed loads and requests)
     live_socket: bool = True  # webcam frames over a WebSocket (/live/ws); off: the Gradio stream only
     live_quality: int = 80  # JPEG quality (1-95) of the frames the live socket sends
+    openai_api: bool = False  # serve an OpenAI-style images API under /v1 (lcm_live/openai_api.py)
+    api_key: str | None = None  # a bearer key the OpenAI-style API (and MCP) require; None: open like the page
+    mcp: bool = False  # serve the API endpoints as MCP tools (Gradio's MCP server, gradio[mcp])
+    zerogpu: bool = False  # ZeroGPU mode (lcm_live/zerogpu.py); on by itself where SPACES_ZERO_GPU is set
+    zerogpu_duration: int = 30  # seconds of GPU each visitor's call declares (and is charged at most)
+    zerogpu_idle: float = 2.0  # a visitor's call lets the GPU go after this long without input
 
     @property
     def ray_mode(self) -> bool:
@@ -118,6 +124,19 @@ class Settings:
                             help="stream webcam frames over a WebSocket (off: the slower Gradio stream only)")  # fmt: skip
         parser.add_argument("--live-quality", type=int, default=env.live_quality,
                             help="JPEG quality (1-95) of the frames the live socket sends back")  # fmt: skip
+        parser.add_argument("--openai-api", action=argparse.BooleanOptionalAction, default=env.openai_api,
+                            help="serve an OpenAI-style images API at /v1 (generations, edits, models)")  # fmt: skip
+        parser.add_argument("--api-key", default=env.api_key,
+                            help="a key API clients must send as `Authorization: Bearer <key>` (or LCM_LIVE_API_KEY)")  # fmt: skip
+        parser.add_argument("--mcp", action=argparse.BooleanOptionalAction, default=env.mcp,
+                            help="serve the API endpoints as MCP tools at /gradio_api/mcp/ (needs gradio[mcp])")  # fmt: skip
+        parser.add_argument("--zerogpu", action=argparse.BooleanOptionalAction, default=env.zerogpu,
+                            help="serve each visitor from GPU calls of their own (default: on where SPACES_ZERO_GPU "
+                                 "is set, i.e. on a ZeroGPU Space)")  # fmt: skip
+        parser.add_argument("--zerogpu-duration", type=int, default=env.zerogpu_duration,
+                            help="GPU seconds each visitor's call declares (ZeroGPU admits it if their quota covers it)")  # fmt: skip
+        parser.add_argument("--zerogpu-idle", type=float, default=env.zerogpu_idle,
+                            help="seconds without input after which a visitor's call lets the GPU go")  # fmt: skip
         parser.add_argument("--replicas", default=env.replicas, metavar="N|MIN:MAX",
                             help="serve from N Ray Serve replicas (or autoscale MIN:MAX); needs ray[serve]")  # fmt: skip
         parser.add_argument("--ray-address", default=env.ray_address or environ.get("RAY_ADDRESS") or None,
@@ -132,6 +151,8 @@ class Settings:
                 replica_range(args.replicas)
             if not 1 <= args.live_quality <= 95:
                 raise ValueError(f"--live-quality must be from 1 to 95; got {args.live_quality}.")
+            if args.zerogpu_duration < 1 or args.zerogpu_idle <= 0:
+                raise ValueError("--zerogpu-duration must be at least 1 and --zerogpu-idle above 0.")
             if args.replica_gpus < 0 or args.replica_cpus <= 0:
                 raise ValueError("--replica-gpus must be at least 0 and --replica-cpus above 0.")
             for flag in ("max_file_size", "max_body_size", "upload_quota"):

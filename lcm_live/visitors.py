@@ -37,6 +37,8 @@ class Visitor:
         session = getattr(request, "session_hash", None)
         client = getattr(request, "client", None) if request is not None else None
         url = getattr(getattr(request, "request", None), "url", None)
+        if (getattr(request, "headers", None) or {}).get("x-gradio-user") == "mcp":
+            session = None  # Gradio's MCP server calls through one client (one session) for every agent
         one_off = session is None or "/call/" in getattr(url, "path", "")  # /call/ makes a session per call
         session = (session or f"api-{uuid.uuid4().hex}").replace(":", "_")
         return cls(session, getattr(client, "host", None) or None, one_off)

@@ -116,13 +116,13 @@ class RequestGuard:
             if started:
                 raise
             log.info("%s %s from %s refused: %s", scope["method"], scope["path"], _address(scope), refusal.message)
-            await _answer(send, refusal.status, refusal.message)
+            await _answer(send, refusal.status, refusal.message, scope["path"])
         except Exception as error:
             if started:
                 raise
             log.warning("%s %s from %s failed: %s", scope["method"], scope["path"], _address(scope),
                         type(error).__name__, exc_info=self.bounds.verbose)  # fmt: skip
-            await _answer(send, 400, "Malformed request.")
+            await _answer(send, 400, "Malformed request.", scope["path"])
         finally:
             if scope.get("lcm_live_joining"):
                 self._joining[scope["lcm_live_joining"]] -= 1
@@ -268,8 +268,16 @@ def _address_of(event) -> str | None:
     return getattr(client, "host", None)
 
 
-async def _answer(send, status: int, message: str) -> None:
-    body = json.dumps({"detail": message, "error": message}).encode()
+OPENAI_CODES = {413: "request_too_large", 429: "rate_limit_exceeded", 404: "unknown_url"}
+
+
+async def _answer(send, status: int, message: str, path: str = "") -> None:
+    if path.startswith("/v1/"):  # the OpenAI-style API's clients read errors in its shape (lcm_live/openai_api.py)
+        kind = "requests" if status == 429 else "invalid_request_error"
+        error = {"message": message, "type": kind, "param": None, "code": OPENAI_CODES.get(status, "invalid_request")}
+        body = json.dumps({"error": error}).encode()
+    else:
+        body = json.dumps({"detail": message, "error": message}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
     await send({"type": "http.response.body", "body": body})

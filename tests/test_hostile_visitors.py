@@ -58,8 +58,9 @@ def test_many_big_pngs_at_once_stay_within_memory(live_server):
     refused = [error_text(r) for r in results if not r["success"]]
     assert any("Too many images being read at once from your address" in text for text in refused), refused[:3]
     assert any(output_file(r) is not None for r in results)
-    one_decode = 8000 * 5000 * 4  # RGBA at worst
-    assert peak.growth < 3.5 * one_decode, f"peak RSS grew {peak.growth / MB:.0f} MB"
+    # Two 40 MP decodes at a time (120 MB each as RGB) and their working copies; before, the 16 calls peaked at
+    # +2.2 to 2.5 GB (scripts/measure_hostile.py).
+    assert peak.growth < 1000 * MB, f"peak RSS grew {peak.growth / MB:.0f} MB"
     for session in [attacker, *sessions]:
         session.close()
 

@@ -22,13 +22,14 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from multiprocessing import Pipe
 from typing import Any
 
 from .live import SUPERSEDED, Limits, Outcome
 from .request import MAX_STEPS, GenerationError, GenerationStopped, Request, RequestRefused, checked
+from .schedule import resolve, session_of
 
 
 DURATION_S = 30  # the GPU time each call declares (ZeroGPU admits a call only if the visitor's quota covers it)
@@ -137,11 +138,11 @@ class ZeroGpuLoop:
             job = Job(slot, requests, address, preempt, (older.seq if older else 0) + 1, next(self._ids))
             if order is not None:
                 if order < self._order.get(slot, float("-inf")):
-                    _resolve(job.future, SUPERSEDED)
+                    resolve(job.future, SUPERSEDED)
                     return job
                 self._order[slot] = order
             if older is not None and preempt:
-                _resolve(older.future, SUPERSEDED)  # the call drops or stops it
+                resolve(older.future, SUPERSEDED)  # the call drops or stops it
             self._newest[slot] = job
             self._send(job, contextvars.copy_context())
         return job
@@ -199,7 +200,7 @@ class ZeroGpuLoop:
                 job = self._newest.pop(slot)
                 self._order.pop(slot, None)
                 if not job.future.done():
-                    _resolve(job.future, SUPERSEDED)
+                    resolve(job.future, SUPERSEDED)
                     call = self._calls.get(session_of(slot))
                     if call is not None:
                         call.outbox.put(("drop", slot_prefix))
@@ -215,7 +216,7 @@ class ZeroGpuLoop:
             for call in self._calls.values():
                 call.outbox.put(("end",))
             for job in self._newest.values():
-                _resolve(job.future, SUPERSEDED)
+                resolve(job.future, SUPERSEDED)
 
     # ------------------------------------------------------------------ this process's side of a call
     def _feed(self, call: Call) -> None:
@@ -248,7 +249,7 @@ class ZeroGpuLoop:
             self.stats.refused += 1
         text = _refusal(error) if error is not None else "The GPU call ended before your image; try again."
         for job in left:
-            _resolve(job.future, error=GenerationError(text))
+            resolve(job.future, error=GenerationError(text))
         for end in (call.conn, call.child):
             end.close()
 
@@ -264,12 +265,12 @@ class ZeroGpuLoop:
             results = rest[0]
             done = time.perf_counter()
             result = results[0] if len(results) == 1 else list(results)
-            _resolve(job.future, Outcome(result, (done - job.submitted) * 1e3, rest[1], job.seq))
+            resolve(job.future, Outcome(result, (done - job.submitted) * 1e3, rest[1], job.seq))
         elif kind == "failed":
             error_kind, text = rest
-            _resolve(job.future, error=(ValueError if error_kind == "ValueError" else GenerationError)(text))
+            resolve(job.future, error=(ValueError if error_kind == "ValueError" else GenerationError)(text))
         else:  # stopped or dropped for a newer one
-            _resolve(job.future, SUPERSEDED)
+            resolve(job.future, SUPERSEDED)
 
     # ------------------------------------------------------------------ inside the GPU call
     def _serve(self, conn, idle_s: float, budget_s: float):
@@ -329,24 +330,6 @@ class ZeroGpuLoop:
         except Exception as error:  # a bad request or a failed generation: that job's caller hears why
             return ("failed", job_id, "ValueError" if isinstance(error, ValueError) else "", str(error))
         return ("done", job_id, results, (time.perf_counter() - start) * 1e3)
-
-
-def session_of(slot: str) -> str:
-    """A slot's session (`session:tab`), as the live loop reads it."""
-    return slot.partition(":")[0]
-
-
-def _resolve(future: Future, value=None, error: BaseException | None = None) -> None:
-    """Settle `future` unless its waiter already gave up."""
-    if future.done():
-        return
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-    except InvalidStateError:  # cancelled between the check and the set
-        pass
 
 
 def _refusal(error: BaseException) -> str:

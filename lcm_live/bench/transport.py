@@ -209,6 +209,19 @@ def api_clients(url: str, count: int, meter: CpuMeter, args) -> dict:
             down.append(len(session.fetch(image)))
             log[index].append((time.perf_counter(), time.perf_counter() - sent))
 
+    try:
+        begin, end, cpu = _timed(_all_at_once(client, count), meter, args.warmup, args.seconds)
+    finally:
+        for session in sessions:
+            session.close()
+    if failures:
+        print(f"old path: {len(failures)} failed calls, e.g. {failures[0]}", file=sys.stderr)
+    return _summary("old: /webcam_frame API (Gradio queue, PNG)", count, log, begin, end, cpu, down)
+
+
+def _all_at_once(client, count: int):
+    """run(stop): `count` clients, each `client(index, stop)` on a thread of its own, until all return."""
+
     def run(stop):
         threads = [threading.Thread(target=client, args=(i, stop), daemon=True) for i in range(count)]
         for thread in threads:
@@ -216,14 +229,7 @@ def api_clients(url: str, count: int, meter: CpuMeter, args) -> dict:
         for thread in threads:
             thread.join()
 
-    try:
-        begin, end, cpu = _timed(run, meter, args.warmup, args.seconds)
-    finally:
-        for session in sessions:
-            session.close()
-    if failures:
-        print(f"old path: {len(failures)} failed calls, e.g. {failures[0]}", file=sys.stderr)
-    return _summary("old: /webcam_frame API (Gradio queue, PNG)", count, log, begin, end, cpu, down)
+    return run
 
 
 def socket_clients(url: str, count: int, meter: CpuMeter, args) -> dict:
@@ -271,15 +277,8 @@ def socket_clients(url: str, count: int, meter: CpuMeter, args) -> dict:
             else:
                 sent_at.pop(json.loads(message).get("frame"), None)
 
-    def run(stop):
-        threads = [threading.Thread(target=client, args=(i, stop), daemon=True) for i in range(count)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-
     try:
-        begin, end, cpu = _timed(run, meter, args.warmup, args.seconds)
+        begin, end, cpu = _timed(_all_at_once(client, count), meter, args.warmup, args.seconds)
     finally:
         for ws in sockets:
             ws.close()

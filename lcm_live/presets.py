@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .request import MAX_GUIDANCE, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS
+from .request import CONTROLS, MAX_GUIDANCE, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS
 
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -129,10 +129,12 @@ class ModelSpec:
     style_lora: str | None = None  # any LoRA stacked on the speed adapter (same forms as `lora`)
     style_weight: float = 1.0  # its weight when fused
     config: str | None = None  # single-file base only: a diffusers folder or hub id with the family's configs
+    controls: tuple[tuple[str, str | None], ...] = ()  # (control, ControlNet id/folder/file or None: the family's)
 
     def __post_init__(self):
         _check_weight("The speed adapter's weight", self.lora_weight)
         _check_weight("The style LoRA's weight", self.style_weight)
+        object.__setattr__(self, "controls", tuple((kind, source) for kind, source in self.controls))  # from JSON
 
     @property
     def name(self) -> str:
@@ -206,6 +208,36 @@ for _steps in (2, 4, 8):
         licence=f"{SDXL_LICENCE}; SDXL-Lightning: openrail++",
     )  # fmt: skip
 DEFAULT_PRESET = "sd15"
+
+# The ControlNets a control name loads by default, per family (the lllyasviel v1.1 cards; SD 1.5 family only).
+CONTROL_IDS = {
+    "sd15": {"scribble": "lllyasviel/control_v11p_sd15_scribble", "edges": "lllyasviel/control_v11p_sd15_canny",
+             "depth": "lllyasviel/control_v11f1p_sd15_depth"},
+}  # fmt: skip
+_CONTROL_HINTS = {"scribble": ("scribble", "sketch"), "edges": ("canny", "edge", "lineart"), "depth": ("depth",)}
+
+
+def parse_controls(text: str | None) -> tuple[tuple[str, str | None], ...]:
+    """`--control` as pairs: "scribble,edges" (the family's ControlNets), "depth=<id, folder or file>", or an id
+    whose name says its control (`lllyasviel/control_v11p_sd15_canny`); ValueError saying what did not parse."""
+    pairs = []
+    for item in (part.strip() for part in (text or "").split(",")):
+        if not item:
+            continue
+        kind, _, source = item.partition("=") if "=" in item else (item, "", "")
+        if source or kind in CONTROLS:
+            if kind not in CONTROLS:
+                raise ValueError(f"--control {item!r}: the control must be one of {', '.join(CONTROLS)}.")
+            pairs.append((kind, source or None))
+            continue
+        guessed = [name for name, hints in _CONTROL_HINTS.items() if any(hint in item.lower() for hint in hints)]
+        if len(guessed) != 1:
+            raise ValueError(f"--control {item!r}: say which control it is, e.g. scribble={item}.")
+        pairs.append((guessed[0], item))
+    kinds = [kind for kind, _ in pairs]
+    if len(set(kinds)) < len(kinds):
+        raise ValueError(f"--control names a control twice: {', '.join(kinds)}.")
+    return tuple(pairs)
 
 # TAESD decoders (diffusers AutoencoderTiny) per family.
 TAESD = {"sd15": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}

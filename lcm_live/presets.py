@@ -166,6 +166,12 @@ class ModelSpec:
         return [(lora, weight) for lora, weight in pairs if lora]
 
 
+def embedded_controls() -> tuple[tuple[str, str], ...]:
+    """The embedded model's own scribble ControlNet, where it ships (`python -m lcm_live.demo_model train-control`)."""
+    folder = EMBEDDED_MODEL / "controlnet-scribble"
+    return (("scribble", str(folder)),) if (folder / "config.json").exists() else ()
+
+
 SD15, SDXL = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
 SD15_LICENCE, SDXL_LICENCE = "CreativeML Open RAIL-M", "CreativeML Open RAIL++-M"
 STABILITY_NC = "Stability AI Non-Commercial Research Community License (sai-nc-community)"
@@ -180,7 +186,7 @@ PRESETS: dict[str, ModelSpec] = {
     "collage": ModelSpec("wavymulder/collage-diffusion", "latent-consistency/lcm-lora-sdv1-5", 512,
                          "Collage Diffusion + LCM-LoRA", licence=f"{SD15_LICENCE}; LCM-LoRA: openrail++"),
     "demo": ModelSpec(str(EMBEDDED_MODEL / "base"), str(EMBEDDED_MODEL / "lcm-lora"), None, "embedded demo model",
-                      licence="Apache 2.0 (this project)"),
+                      licence="Apache 2.0 (this project)", controls=embedded_controls()),
     "tcd-sd15": ModelSpec(SD15, "h1t/TCD-SD15-LoRA", 512, "SD 1.5 + TCD-LoRA", recipe=TCD,
                           licence=f"{SD15_LICENCE}; TCD-LoRA: MIT"),
     "tcd-sdxl": ModelSpec(SDXL, "h1t/TCD-SDXL-LoRA", 1024, "SDXL + TCD-LoRA", recipe=TCD,

@@ -1,0 +1,69 @@
+"""Per-step cost of a ControlNet in the engine's step loop: one denoising step without and with a control, on a
+random-weight architecture (speed does not depend on weight values).
+
+    python -m lcm_live.bench.control --arch sd15 --size 512 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def measure(arch: str, size: int | None, repeats: int, batch: int) -> dict:
+    """Median milliseconds of one step for `batch` rows, without control, with control on every row, and with it
+    on half of them (the zero-residual path)."""
+    from ..architectures import ARCHITECTURES, build_pipeline, random_controlnet
+    from ..device import pick_runtime
+    from ..engine import Engine
+    from ..presets import ModelSpec
+    from ..request import Request
+
+    pipe = build_pipeline(arch)
+    pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    net = random_controlnet(pipe.unet).eval()
+    side = size or ARCHITECTURES[arch].native_size
+    engine = Engine(pipe, ModelSpec(arch, None, native_size=side), pick_runtime("cpu", "float32"),
+                    ARCHITECTURES[arch].family, controls={"scribble": net})  # fmt: skip
+    strokes = np.zeros((side, side, 3), np.uint8)
+    strokes[side // 4 : side // 4 + max(1, side // 64), :] = 255
+    drawing = Image.fromarray(strokes)
+
+    def step_ms(controlled: int) -> float:
+        requests = [Request(prompt="a red circle", seed=i, steps=8, control="scribble" if i < controlled else None,
+                            control_image=drawing if i < controlled else None) for i in range(batch)]  # fmt: skip
+        engine.step(engine.start_many(requests))  # warm-up
+        times = []
+        for _ in range(repeats):
+            rows = engine.start_many(requests)
+            began = time.perf_counter()
+            engine.step(rows)
+            times.append((time.perf_counter() - began) * 1e3)
+        return statistics.median(times)
+
+    cases = {"none": 0, "all": batch, "half": batch // 2} if batch > 1 else {"none": 0, "all": 1}
+    return {"arch": arch, "size": side, "batch": batch, "threads": torch.get_num_threads(),
+            **{f"step_ms_{name}": round(step_ms(n), 1) for name, n in cases.items()}}  # fmt: skip
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lcm_live.bench.control", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="tiny-sd15")
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps(measure(args.arch, args.size, args.repeats, args.batch)))
+
+
+if __name__ == "__main__":
+    main()

@@ -233,13 +233,13 @@ def shape_mask(image, colour: str) -> np.ndarray:
 
 def evaluate_control(engine, n: int = 40, seed: int = 7, scale: float = 1.0) -> dict:
     """Mean IoU of the generated shape with the drawn outline's filled region, with the control on and off (same
-    prompt, no position words), and the colour judge's rate with it on."""
+    prompt, no position words), and the colour judge's rate (shape and background colours as asked) for each."""
     from PIL import Image
 
     from ..request import Request
 
     rng = np.random.default_rng(seed)
-    results = {"iou_on": [], "iou_off": [], "colours_on": []}
+    results = {"iou_on": [], "iou_off": [], "colours_on": [], "colours_off": []}
     for i in range(n):
         attrs = world.sample_attrs(rng)
         r = float(rng.uniform(8, 15))
@@ -254,8 +254,7 @@ def evaluate_control(engine, n: int = 40, seed: int = 7, scale: float = 1.0) -> 
                               control_image=drawing if control else None)  # fmt: skip
             image = engine.generate(request).image
             results[f"iou_{key}"].append(iou(shape_mask(image, attrs["color"]), filled))
-            if control:
-                seen = read(image)
-                results["colours_on"].append(seen["color"] == attrs["color"] and seen["background"] ==
+            seen = read(image)
+            results[f"colours_{key}"].append(seen["color"] == attrs["color"] and seen["background"] ==
                                              attrs["background"])  # fmt: skip
     return {key: float(np.mean(values)) for key, values in results.items()}

@@ -1,9 +1,10 @@
-"""ControlNets in the engine's batched step: loading them as diffusers' docs do, refusing one of another family, and
-one batch's residuals, each row with its own control image and conditioning scale.
+"""ControlNets and T2I-Adapters in the engine's batched step: loading them as diffusers' docs do, refusing one of
+another family, and one batch's residuals, each row with its own control image and conditioning scale.
 
 A batch makes one ControlNet call per ControlNet its rows use (over those rows' entries only) and one UNet call for
 all rows: rows without that ControlNet get zero residuals, which leave the UNet's sums exactly as they were. So rows
-with different controls, or none, still share the UNet call, its larger cost.
+with different controls, or none, still share the UNet call, its larger cost. A T2I-Adapter runs once per row, when
+the row starts (its features do not depend on the step); each step only adds them, zeros for rows without.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel
+from diffusers import ControlNetModel, T2IAdapter
 
 from .device import Runtime
 from .loading import FAMILY_NAMES, _is_hub_file, _load_error, adapter_source
@@ -21,7 +22,7 @@ from .rows import Row
 
 
 def load_controlnets(spec: ModelSpec, family: str, unet, runtime: Runtime, local_files_only: bool = False,
-                     report=None) -> dict[str, ControlNetModel]:  # fmt: skip
+                     report=None) -> dict[str, ControlNetModel | T2IAdapter]:  # fmt: skip
     """The spec's ControlNets by control name, on the runtime's device; ModelLoadError naming one that cannot load
     or does not fit this base."""
     nets = {}
@@ -41,9 +42,10 @@ def load_controlnets(spec: ModelSpec, family: str, unet, runtime: Runtime, local
     return nets
 
 
-def load_controlnet(source: str, runtime: Runtime, local_files_only: bool = False) -> ControlNetModel:
-    """One ControlNet: a diffusers folder or hub id (`from_pretrained`, the fp16 variant where there is one), or a
-    single .safetensors file, local or `owner/repo/file.safetensors` (`from_single_file`)."""
+def load_controlnet(source: str, runtime: Runtime, local_files_only: bool = False) -> ControlNetModel | T2IAdapter:
+    """One ControlNet or T2I-Adapter: a diffusers folder or hub id (`from_pretrained`, the fp16 variant where there
+    is one; its config says which), or a single ControlNet .safetensors file, local or `owner/repo/file.safetensors`
+    (`from_single_file`)."""
     try:
         path = Path(source).expanduser()
         if path.is_file() or _is_hub_file(source):
@@ -54,27 +56,33 @@ def load_controlnet(source: str, runtime: Runtime, local_files_only: bool = Fals
             return ControlNetModel.from_single_file(str(path), torch_dtype=runtime.dtype,
                                                     local_files_only=local_files_only)  # fmt: skip
         kwargs = dict(torch_dtype=runtime.dtype, local_files_only=local_files_only)
+        kind = ControlNetModel.load_config(source, local_files_only=local_files_only).get("_class_name")
+        model_class = T2IAdapter if kind == "T2IAdapter" else ControlNetModel
         try:
-            return ControlNetModel.from_pretrained(source, variant=runtime.variant, **kwargs)
+            return model_class.from_pretrained(source, variant=runtime.variant, **kwargs)
         except (OSError, ValueError) as error:
             if runtime.variant is None or "variant" not in str(error).lower():
                 raise
-            return ControlNetModel.from_pretrained(source, **kwargs)  # no fp16 files published
+            return model_class.from_pretrained(source, **kwargs)  # no fp16 files published
     except Exception as error:
         raise _load_error(source, "ControlNet", error) from error
 
 
 def family_of(config) -> str:
-    """'sdxl' for a ControlNet (or UNet) with SDXL's size conditioning, else 'sd15'."""
+    """'sdxl' for a ControlNet (or UNet) with SDXL's size conditioning or an SDXL T2I-Adapter, else 'sd15'."""
+    if "adapter_type" in config:
+        return "sdxl" if config.adapter_type == "full_adapter_xl" else "sd15"
     return "sdxl" if config.addition_embed_type == "text_time" else "sd15"
 
 
-def check_fits(net: ControlNetModel, unet, source: str, family: str) -> None:
-    """ModelLoadError when the ControlNet was made for another family or another shape of UNet."""
-    made_for = family_of(net.config)
+def check_fits(net: ControlNetModel | T2IAdapter, unet, source: str, family: str) -> None:
+    """ModelLoadError when the ControlNet (or adapter) was made for another family or another shape of UNet."""
+    made_for, what = family_of(net.config), type(net).__name__.replace("Model", "")
     if made_for != family:
-        raise ModelLoadError(f"The ControlNet '{source}' is made for {FAMILY_NAMES[made_for]} models, but this model "
-                             f"is {FAMILY_NAMES[family]}; use an {FAMILY_NAMES[family]} ControlNet.")  # fmt: skip
+        raise ModelLoadError(f"The {what} '{source}' is made for {FAMILY_NAMES[made_for]} models, but this model "
+                             f"is {FAMILY_NAMES[family]}; use an {FAMILY_NAMES[family]} {what}.")  # fmt: skip
+    if isinstance(net, T2IAdapter):
+        return  # its features' shapes are checked by the UNet on the first step
     for name in ("cross_attention_dim", "block_out_channels", "in_channels"):
         mine, theirs = _plain(getattr(net.config, name)), _plain(getattr(unet.config, name))
         if mine != theirs:
@@ -86,15 +94,22 @@ def _plain(value):
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def control_tensor(image, width: int, height: int, to_device) -> torch.Tensor:
-    """A control image -> (1, 3, H, W) in [0, 1] on the device, as the ControlNet pipelines' image processor makes
-    it (RGB, no normalisation); cropped to the image's shape first, as the input image is."""
+def control_tensor(image, width: int, height: int, to_device, channels: int = 3) -> torch.Tensor:
+    """A control image -> (1, C, H, W) in [0, 1] on the device, as the ControlNet and adapter pipelines make it
+    (RGB, or grey for a 1-channel adapter; no normalisation); cropped to the image's shape first, as inputs are."""
     import numpy as np
 
     from .rows import fill_crop
 
-    array = torch.from_numpy(np.array(fill_crop(image.convert("RGB"), width, height)))  # (H, W, 3) uint8
+    array = np.array(fill_crop(image.convert("RGB" if channels == 3 else "L"), width, height))  # (H, W[, 3]) uint8
+    array = torch.from_numpy(array.reshape(height, width, -1))
     return (to_device(array).permute(2, 0, 1).unsqueeze(0).float() / 255.0).contiguous()
+
+
+def adapter_features(adapter: T2IAdapter, control: torch.Tensor, scale: float) -> list[torch.Tensor]:
+    """A T2I-Adapter's features for one row, scaled, as the adapter pipelines make them once per image."""
+    with torch.inference_mode():
+        return [feature * scale for feature in adapter(control.to(adapter.dtype))]
 
 
 def residuals(nets: dict[str, ControlNetModel], rows: list[Row], inputs: list[torch.Tensor]) -> dict | None:
@@ -102,8 +117,11 @@ def residuals(nets: dict[str, ControlNetModel], rows: list[Row], inputs: list[to
     control), each scaled by its row's conditioning scale; None when no row has a control."""
     entries = rows + [row for row in rows if row.guided]  # the order of unet_inputs: conditional, then unconditional
     used = [kind for kind in nets if any(row.request.control == kind for row in rows)]
+    adapted = [kind for kind in used if isinstance(nets[kind], T2IAdapter)]
+    used = [kind for kind in used if kind not in adapted]
+    extra = {"down_intrablock_additional_residuals": _intrablock(entries, adapted)} if adapted else {}
     if not used:
-        return None
+        return extra or None
     sample, t, embeds = inputs[:3]
     outputs: dict[str, tuple[list[torch.Tensor], torch.Tensor]] = {}
     for kind in used:  # one call per ControlNet, over its rows' entries
@@ -116,7 +134,16 @@ def residuals(nets: dict[str, ControlNetModel], rows: list[Row], inputs: list[to
         scale = torch.tensor([entries[e].request.control_scale for e in at], dtype=sample.dtype)
         scale = scale.to(sample.device).view(-1, 1, 1, 1)
         outputs[kind] = ([d * scale for d in down], mid * scale)
-    return _assembled(entries, used, outputs)
+    return {**_assembled(entries, used, outputs), **extra}
+
+
+def _intrablock(entries: list[Row], adapted: list[str]) -> list[torch.Tensor]:
+    """Every entry's adapter features, per level (zeros for rows without an adapter); a new list per UNet call (the
+    UNet takes its items out)."""
+    model = next(row.features for row in entries if row.request.control in adapted)
+    levels = [[row.features[k] if row.request.control in adapted else torch.zeros_like(feature) for row in entries]
+              for k, feature in enumerate(model)]  # fmt: skip
+    return [torch.cat(level) if len(level) > 1 else level[0] for level in levels]
 
 
 def _picker(at: list[int], count: int):

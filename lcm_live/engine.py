@@ -159,12 +159,23 @@ class Engine:
                                                        request.guidance_scale > 1.0)  # fmt: skip
         text_ms = (time.perf_counter() - began) * 1e3
         scheduler, timesteps, strength = schedule(self.txt2img, self.img2img, request)
-        control = None if request.control is None else controlnets.control_tensor(
-            request.control_image, request.width, request.height, self._to_device)  # fmt: skip
-        return Row(control=control, request=request, warnings=warnings + text_warnings, strength=strength, text=text,
+        control, features = self._control_input(request)
+        return Row(control=control, features=features, request=request, warnings=warnings + text_warnings, strength=strength, text=text,
                    scheduler=scheduler, timesteps=timesteps, generator=torch.Generator("cpu").manual_seed(request.seed),
                    latents=None, plan=lcm_plan(scheduler, timesteps), text_cached=cached, text_ms=text_ms,
                    began=began)  # fmt: skip
+
+    def _control_input(self, request: Request) -> tuple[torch.Tensor | None, list | None]:
+        """(what the row's ControlNet sees, or its T2I-Adapter's features: made once here) for a controlled row."""
+        if request.control is None:
+            return None, None
+        net = self.controls[request.control]
+        channels = getattr(net.config, "in_channels", 3) if isinstance(net, controlnets.T2IAdapter) else 3
+        control = controlnets.control_tensor(request.control_image, request.width, request.height, self._to_device,
+                                             channels)  # fmt: skip
+        if isinstance(net, controlnets.T2IAdapter):
+            return control, controlnets.adapter_features(net, control, request.control_scale)
+        return control, None
 
     def _encode_inputs(self, rows: list[Row]) -> dict[int, torch.Tensor | Exception]:
         """Input images of img2img rows -> their scaled latents (1, 4, h, w) by id(row), or the row's error."""
@@ -214,7 +225,8 @@ class Engine:
         graphs = self.unet_graphs.enabled and not controlled
         warming = graphs and not self.unet_graphs.is_captured(*inputs)
         stoppable = should_abort is not None and not self.unet_graphs.enabled and not self.compiled
-        modules = [self.txt2img.unet, *self.controls.values()] if controlled else [self.txt2img.unet]
+        nets = [net for net in self.controls.values() if isinstance(net, controlnets.ControlNetModel)]
+        modules = [self.txt2img.unet, *nets] if controlled else [self.txt2img.unet]
         hooks = [h for module in modules for h in denoise.abort_hooks(module, should_abort)] if stoppable else []
         try:
             with torch.inference_mode():

@@ -215,10 +215,13 @@ for _steps in (2, 4, 8):
     )  # fmt: skip
 DEFAULT_PRESET = "sd15"
 
-# The ControlNets a control name loads by default, per family (the lllyasviel v1.1 cards; SD 1.5 family only).
+# What a control name loads by default, per family: the lllyasviel v1.1 ControlNets for SD 1.5, TencentARC's
+# T2I-Adapters for SDXL (an adapter runs once per image, not once per step).
 CONTROL_IDS = {
     "sd15": {"scribble": "lllyasviel/control_v11p_sd15_scribble", "edges": "lllyasviel/control_v11p_sd15_canny",
              "depth": "lllyasviel/control_v11f1p_sd15_depth"},
+    "sdxl": {"scribble": "TencentARC/t2i-adapter-sketch-sdxl-1.0", "edges": "TencentARC/t2i-adapter-canny-sdxl-1.0",
+             "depth": "TencentARC/t2i-adapter-depth-midas-sdxl-1.0"},
 }  # fmt: skip
 _CONTROL_HINTS = {"scribble": ("scribble", "sketch"), "edges": ("canny", "edge", "lineart"), "depth": ("depth",)}
 

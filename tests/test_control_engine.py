@@ -139,3 +139,63 @@ def test_the_parameters_record_the_control(control_engine):
     assert result.params["control"]["kind"] == "scribble"
     assert result.params["control"]["scale"] == 0.7
     assert len(result.params["control"]["image"]) == 16
+
+
+# ------------------------------------------------------------------------------------------------ SDXL T2I-Adapters
+@pytest.fixture(scope="module")
+def adapter_engine(tiny_models, tmp_path_factory, cpu32):
+    """The tiny SDXL model with a random T2I-Adapter (features at the tiny UNet's two down blocks) as `scribble`."""
+    from diffusers import T2IAdapter
+
+    torch.manual_seed(5)
+    adapter = T2IAdapter(in_channels=3, channels=[32, 64], num_res_blocks=1, downscale_factor=16,
+                         adapter_type="full_adapter_xl")  # fmt: skip
+    folder = tmp_path_factory.mktemp("adapter") / "sketch-xl"
+    adapter.save_pretrained(str(folder))
+    paths = tiny_models["sdxl"]
+    return Engine.load(ModelSpec(paths["base"], paths["lora"], controls=(("scribble", str(folder)),)), cpu32,
+                       warmup=False)  # fmt: skip
+
+
+ADAPTER_CASES = {
+    "adapter": Request(prompt="a red circle", seed=3, control="scribble", control_image=_strokes(5), control_scale=0.8),
+    "adapter guided": Request(prompt="a square", negative_prompt="blue", guidance_scale=1.5, seed=4, steps=3,
+                              control="scribble", control_image=_strokes(6), control_scale=1.6),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", ADAPTER_CASES)
+def test_one_adapter_row_matches_the_diffusers_sdxl_adapter_pipeline(adapter_engine, case):
+    from diffusers import StableDiffusionXLAdapterPipeline
+
+    request, _ = adapter_engine.check(ADAPTER_CASES[case])
+    parts = {k: v for k, v in adapter_engine.txt2img.components.items() if k not in ("image_encoder", "feature_extractor")}
+    pipe = StableDiffusionXLAdapterPipeline(**parts, adapter=adapter_engine.controls["scribble"])
+    pipe.set_progress_bar_config(disable=True)
+    extra = {"negative_prompt": request.negative_prompt} if request.guidance_scale > 1 else {}
+    with torch.inference_mode():
+        reference = pipe(prompt=request.prompt, image=request.control_image, num_inference_steps=request.steps,
+                         guidance_scale=request.guidance_scale, adapter_conditioning_scale=request.control_scale,
+                         width=request.width, height=request.height, output_type="latent",
+                         generator=torch.Generator("cpu").manual_seed(request.seed), **extra).images  # fmt: skip
+    torch.testing.assert_close(_alone(adapter_engine, request), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_rows_batch_with_rows_without_it(adapter_engine):
+    requests = [ADAPTER_CASES["adapter"], Request(prompt="plain", seed=12),
+                ADAPTER_CASES["adapter guided"]]  # fmt: skip
+    rows = adapter_engine.start_many(requests)
+    assert rows[0].features is not None and rows[1].features is None  # made once, at the row's start
+    while not all(row.done for row in rows):
+        adapter_engine.step([row for row in rows if not row.done])
+    for row, request in zip(rows, requests):
+        torch.testing.assert_close(row.latents, _alone(adapter_engine, request), rtol=1e-4, atol=1e-4)
+    off = _alone(adapter_engine, Request(prompt="a red circle", seed=3))
+    assert (rows[0].latents - off).abs().max() > 1e-2  # the adapter changed the image
+
+
+def test_an_sd15_controlnet_on_sdxl_is_refused(tiny_models, controls, cpu32):
+    paths = tiny_models["sdxl"]
+    spec = ModelSpec(paths["base"], paths["lora"], controls=(("edges", controls["edges"]),))
+    with pytest.raises(ModelLoadError, match="made for SD 1.5 models, but this model is SDXL"):
+        Engine.load(spec, cpu32, warmup=False)

@@ -213,6 +213,16 @@ for _steps in (2, 4, 8):
         f"SDXL + Lightning {_steps}-step LoRA", recipe=euler_trailing(_steps),
         licence=f"{SDXL_LICENCE}; SDXL-Lightning: openrail++",
     )  # fmt: skip
+# SDXS: one-step distilled models with their own tiny VAE in `vae/` (as the pipeline loads them), sampled as the cards
+# say: "the same inference steps as the loaded model and CFG set to 0". Euler with trailing spacing puts that one
+# step at the last timestep (999), as for SD-Turbo, SDXS's teacher. The sketch variant is a ControlNet for
+# SDXS-512-DreamShaper (IDKiro/sdxs, demo_sketch.py: the strokes inverted to white on black).
+PRESETS["sdxs"] = ModelSpec("IDKiro/sdxs-512-0.9", None, 512, "SDXS-512-0.9 (1 step)", recipe=euler_trailing(1),
+                            licence="openrail++")  # fmt: skip
+PRESETS["sdxs-sketch"] = ModelSpec(
+    "IDKiro/sdxs-512-dreamshaper", None, 512, "SDXS-512-DreamShaper + sketch ControlNet (1 step)",
+    recipe=euler_trailing(1), licence="openrail++", controls=(("scribble", "IDKiro/sdxs-512-dreamshaper-sketch"),),
+)  # fmt: skip
 DEFAULT_PRESET = "sd15"
 
 # What a control name loads by default, per family: the lllyasviel v1.1 ControlNets for SD 1.5, TencentARC's

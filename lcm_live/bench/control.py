@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 
-def measure(arch: str, size: int | None, repeats: int, batch: int) -> dict:
+def measure(arch: str, size: int | None, repeats: int, batch: int, dtype: str = "float32") -> dict:
     """Median milliseconds of one step for `batch` rows, without control, with control on every row, and with it
     on half of them (the zero-residual path)."""
     from ..architectures import ARCHITECTURES, build_pipeline, random_controlnet
@@ -25,11 +25,12 @@ def measure(arch: str, size: int | None, repeats: int, batch: int) -> dict:
     from ..presets import ModelSpec
     from ..request import Request
 
+    runtime = pick_runtime("cpu", dtype)
     pipe = build_pipeline(arch)
-    pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
-    net = random_controlnet(pipe.unet).eval()
+    net = random_controlnet(pipe.unet).eval().to(runtime.dtype)
+    pipe.to(dtype=runtime.dtype)
     side = size or ARCHITECTURES[arch].native_size
-    engine = Engine(pipe, ModelSpec(arch, None, native_size=side), pick_runtime("cpu", "float32"),
+    engine = Engine(pipe, ModelSpec(arch, None, native_size=side), runtime,
                     ARCHITECTURES[arch].family, controls={"scribble": net})  # fmt: skip
     strokes = np.zeros((side, side, 3), np.uint8)
     strokes[side // 4 : side // 4 + max(1, side // 64), :] = 255
@@ -48,7 +49,7 @@ def measure(arch: str, size: int | None, repeats: int, batch: int) -> dict:
         return statistics.median(times)
 
     cases = {"none": 0, "all": batch, "half": batch // 2} if batch > 1 else {"none": 0, "all": 1}
-    return {"arch": arch, "size": side, "batch": batch, "threads": torch.get_num_threads(),
+    return {"arch": arch, "size": side, "batch": batch, "threads": torch.get_num_threads(), "dtype": dtype,
             **{f"step_ms_{name}": round(step_ms(n), 1) for name, n in cases.items()}}  # fmt: skip
 
 
@@ -59,10 +60,11 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(json.dumps(measure(args.arch, args.size, args.repeats, args.batch)))
+    print(json.dumps(measure(args.arch, args.size, args.repeats, args.batch, args.dtype)))
 
 
 if __name__ == "__main__":

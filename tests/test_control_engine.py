@@ -199,3 +199,24 @@ def test_an_sd15_controlnet_on_sdxl_is_refused(tiny_models, controls, cpu32):
     spec = ModelSpec(paths["base"], paths["lora"], controls=(("edges", controls["edges"]),))
     with pytest.raises(ModelLoadError, match="made for SD 1.5 models, but this model is SDXL"):
         Engine.load(spec, cpu32, warmup=False)
+
+
+def test_a_model_whose_controlnet_does_not_fit_is_refused_and_the_current_one_keeps_serving(tiny_models, controls):
+    from lcm_live.device import pick_runtime
+    from lcm_live.live import LiveLoop
+    from lcm_live.models import ModelManager
+    from lcm_live.presets import PRESETS
+
+    manager = ModelManager(pick_runtime("cpu", "float32"), taesd=False, offline=True)
+    loop = LiveLoop(manager.load_now(PRESETS["demo"]))
+    manager.attach(loop)
+    try:
+        paths = tiny_models["sd15"]
+        assert manager.switch(ModelSpec(paths["base"], paths["lora"], controls=(("scribble", controls["sdxl"]),)))
+        manager.wait(60)
+        text = manager.status_markdown().replace("\\", "")
+        assert manager.engine.info["embedded"]  # still the model that served before
+        assert "is made for SDXL models, but this model is SD 1.5" in text
+        assert manager.engine.generate(Request(prompt="still serving", steps=1)).image.size == (64, 64)
+    finally:
+        loop.close()

@@ -1,7 +1,8 @@
-"""Per-step cost of a ControlNet in the engine's step loop: one denoising step without and with a control, on a
-random-weight architecture (speed does not depend on weight values).
+"""Per-step cost of a ControlNet (or an SDXL T2I-Adapter) in the engine's step loop: one denoising step without and
+with a control, on a random-weight architecture (speed does not depend on weight values).
 
     python -m lcm_live.bench.control --arch sd15 --size 512 --threads 2
+    python -m lcm_live.bench.control --arch tiny-sdxl --adapter --repeats 20
 """
 
 from __future__ import annotations
@@ -16,7 +17,17 @@ import torch
 from PIL import Image
 
 
-def measure(arch: str, size: int | None, repeats: int, batch: int, dtype: str = "float32") -> dict:
+def _adapter(arch: str):
+    """A T2I-Adapter shaped for `arch`: SDXL's published adapters' layout, or the tiny test model's."""
+    from diffusers import T2IAdapter
+
+    channels = [32, 64] if arch.startswith("tiny") else [320, 640, 1280, 1280]
+    return T2IAdapter(in_channels=3, channels=channels, num_res_blocks=1 if arch.startswith("tiny") else 2,
+                      downscale_factor=16, adapter_type="full_adapter_xl")  # fmt: skip
+
+
+def measure(arch: str, size: int | None, repeats: int, batch: int, dtype: str = "float32",
+            adapter: bool = False) -> dict:  # fmt: skip
     """Median milliseconds of one step for `batch` rows, without control, with control on every row, and with it
     on half of them (the zero-residual path)."""
     from ..architectures import ARCHITECTURES, build_pipeline, random_controlnet
@@ -27,7 +38,7 @@ def measure(arch: str, size: int | None, repeats: int, batch: int, dtype: str = 
 
     runtime = pick_runtime("cpu", dtype)
     pipe = build_pipeline(arch)
-    net = random_controlnet(pipe.unet).eval().to(runtime.dtype)
+    net = (_adapter(arch) if adapter else random_controlnet(pipe.unet)).eval().to(runtime.dtype)
     pipe.to(dtype=runtime.dtype)
     side = size or ARCHITECTURES[arch].native_size
     engine = Engine(pipe, ModelSpec(arch, None, native_size=side), runtime,
@@ -49,7 +60,12 @@ def measure(arch: str, size: int | None, repeats: int, batch: int, dtype: str = 
         return statistics.median(times)
 
     cases = {"none": 0, "all": batch, "half": batch // 2} if batch > 1 else {"none": 0, "all": 1}
-    return {"arch": arch, "size": side, "batch": batch, "threads": torch.get_num_threads(), "dtype": dtype,
+    once = {}
+    if adapter:  # its once-per-image cost: the features a row gets at its start
+        began = time.perf_counter()
+        engine.start_many([Request(prompt="a red circle", control="scribble", control_image=drawing)])
+        once["adapter_ms_per_image"] = round((time.perf_counter() - began) * 1e3, 1)
+    return {**once, "control": "T2I-Adapter" if adapter else "ControlNet", "arch": arch, "size": side, "batch": batch, "threads": torch.get_num_threads(), "dtype": dtype,
             **{f"step_ms_{name}": round(step_ms(n), 1) for name, n in cases.items()}}  # fmt: skip
 
 
@@ -61,10 +77,11 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--adapter", action="store_true", help="a T2I-Adapter (SDXL architectures) instead")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(json.dumps(measure(args.arch, args.size, args.repeats, args.batch, args.dtype)))
+    print(json.dumps(measure(args.arch, args.size, args.repeats, args.batch, args.dtype, args.adapter)))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import gradio as gr
 from PIL import Image, ImageDraw
 
-from .control import ControlError, DepthEstimator, preprocess
+from .control import CANNY_HIGH, CANNY_LOW, ControlError, DepthEstimator, preprocess
 from .inputs import InputError, clean_prompt, load_image
 from .live import SUPERSEDED, Limits, LiveLoop, Outcome
 from .pngmeta import save_png
@@ -203,16 +203,16 @@ class LiveApp:
         return shown if shown is not None else (gr.skip(), gr.skip())
 
     async def img2img(self, image, prompt, strength, steps, seed, control="off", control_scale=1.0,
-                      request: gr.Request = None):  # fmt: skip
+                      edge_low=CANNY_LOW, edge_high=CANNY_HIGH, request: gr.Request = None):  # fmt: skip
         if image is None:
             return gr.skip(), "Upload, paste or pick an image to start.", gr.skip()
         req, shown_control = await self._controlled(_img2img_request(image, prompt, strength, steps, seed), image,
-                                                    control, control_scale)  # fmt: skip
+                                                    control, control_scale, (edge_low, edge_high))  # fmt: skip
         shown = await self._generate(Visitor.of(request), "img2img", req)
         return (*shown, shown_control) if shown is not None else (gr.skip(),) * 3
 
     async def webcam(self, image, prompt, strength, steps, seed, control="off", control_scale=1.0,
-                     request: gr.Request = None):  # fmt: skip
+                     edge_low=CANNY_LOW, edge_high=CANNY_HIGH, request: gr.Request = None):  # fmt: skip
         if image is None:
             return gr.skip(), gr.skip(), gr.skip()
         # The browser's pace was fixed when the page was built (Gradio's stream_every); the serving model's is
@@ -220,14 +220,14 @@ class LiveApp:
         if not self.pacer.admit(Visitor.of(request).slot("webcam"), self.frame_interval()):
             return gr.skip(), gr.skip(), gr.skip()
         req, shown_control = await self._controlled(_img2img_request(image, prompt, strength, steps, seed), image,
-                                                    control, control_scale)  # fmt: skip
+                                                    control, control_scale, (edge_low, edge_high))  # fmt: skip
         # A newer frame replaces the pending one but lets the running one finish: frames faster than a generation
         # would otherwise stop every one of them before its image.
         shown = await self._generate(Visitor.of(request), "webcam", req, preempt=False)
         return (*shown, shown_control) if shown is not None else (gr.skip(),) * 3
 
     async def sketch(self, canvas, prompt, strength, steps, seed, control="off", control_scale=1.0,
-                     request: gr.Request = None):  # fmt: skip
+                     edge_low=CANNY_LOW, edge_high=CANNY_HIGH, request: gr.Request = None):  # fmt: skip
         """The sketch tab: the canvas (its flattened composite, checked like any upload) as image-to-image input,
         or, with the scribble control, as the control alone (the strokes say where, the prompt what)."""
         composite = canvas.get("composite") if isinstance(canvas, dict) else None
@@ -238,7 +238,8 @@ class LiveApp:
         except InputError as error:
             raise _error(error) from error
         req, shown_control = await self._controlled(_img2img_request(image, prompt, strength, steps, seed), image,
-                                                    control, control_scale, drawing=True)  # fmt: skip
+                                                    control, control_scale, (edge_low, edge_high),
+                                                    drawing=True)  # fmt: skip
         shown = await self._generate(Visitor.of(request), "sketch", req)
         return (*shown, shown_control) if shown is not None else (gr.skip(),) * 3
 
@@ -247,6 +248,7 @@ class LiveApp:
         return list(self.loop.info.get("controls") or [])
 
     async def _controlled(self, request: Request, source: Image.Image, control, control_scale,
+                          edges: tuple = (CANNY_LOW, CANNY_HIGH),
                           drawing: bool = False) -> tuple[Request, Image.Image | None]:  # fmt: skip
         """The request with its control image made from `source`, and that image (to show); the request as it
         was when the control is off or the serving model has none of that kind. A drawing with the scribble
@@ -256,7 +258,10 @@ class LiveApp:
             return request, None
         scale = _float(control_scale, "control strength")
         try:
-            image = await asyncio.to_thread(preprocess, kind, source, side=self.bounds()[0], depth=self.depth)
+            low, high = (_int(value, "edge threshold") if value is not None else default
+                         for value, default in zip(edges, (CANNY_LOW, CANNY_HIGH)))  # fmt: skip
+            image = await asyncio.to_thread(preprocess, kind, source, low, high, side=self.bounds()[0],
+                                            depth=self.depth)  # fmt: skip
         except ControlError as error:
             raise _error(error) from error
         if drawing and kind == "scribble":

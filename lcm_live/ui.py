@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import gradio as gr
 from gradio.context import LocalContext
 
+from .control import CANNY_HIGH, CANNY_LOW
 from .handlers import DEMO_PROMPT, PHOTO_PROMPT, LiveApp  # noqa: F401  (the example prompts, named here too)
 from .inputs import InputError, image_from_payload
 from .presets import ASSETS, PRESETS, preset_choices
@@ -87,14 +88,18 @@ def _image_controls(app: LiveApp, prompt_text: str, prefix: str, steps_key: str,
 
 
 def _control(app: LiveApp, prefix: str, default: str) -> list:
-    """[control choice, control strength]: off, or a structure control (ControlNet) the serving model has."""
+    """[control choice, control strength, edge thresholds low and high]: off, or a structure control (ControlNet or
+    T2I-Adapter) the serving model has."""
     loaded = app.controls()
     choice = gr.Radio(["off", *loaded], value=default if default in loaded else "off", label="Control",
                       info="The control image fixes where things are; the prompt says what they are.",
                       elem_id=f"{prefix}-control")  # fmt: skip
     scale = gr.Slider(MIN_CONTROL_SCALE, MAX_CONTROL_SCALE, 1.0, step=0.05, label="Control strength",
                       elem_id=f"{prefix}-control-scale")  # fmt: skip
-    return [choice, scale]
+    with gr.Accordion("Edge thresholds (Canny)", open=False, visible="edges" in loaded):
+        low = gr.Slider(0, 500, CANNY_LOW, step=5, label="Low", elem_id=f"{prefix}-edges-low")
+        high = gr.Slider(0, 500, CANNY_HIGH, step=5, label="High", elem_id=f"{prefix}-edges-high")
+    return [choice, scale, low, high]
 
 
 def _outputs(label: str, prefix: str) -> list:

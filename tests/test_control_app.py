@@ -23,8 +23,8 @@ def drawing(tmp_path):
 
 
 def test_image_tab_with_scribble_control_shows_the_control_image(client, drawing):
-    path, hud, control = client.predict(drawing, "a red square, blue background", 0.6, 4, 1, "scribble", 1.2,
-                                        api_name="/live_img2img")  # fmt: skip
+    path, hud, control = client.predict(drawing, "a red square, blue background", 0.6, 4, 1, "scribble", 1.2, 100,
+                                        200, api_name="/live_img2img")  # fmt: skip
     params = read_params(path)
     assert params["mode"] == "img2img" and params["control"]["kind"] == "scribble"
     assert params["control"]["scale"] == 1.2 and "ms" in hud
@@ -33,13 +33,39 @@ def test_image_tab_with_scribble_control_shows_the_control_image(client, drawing
 
 
 def test_control_off_runs_without_it(client, drawing):
-    path, _, control = client.predict(drawing, "a red square", 0.6, 4, 1, "off", 1.0, api_name="/live_img2img")
+    path, _, control = client.predict(drawing, "a red square", 0.6, 4, 1, "off", 1.0, 100, 200,
+                                     api_name="/live_img2img")
     assert "control" not in read_params(path) and control is None
 
 
 def test_a_control_strength_out_of_range_gets_one_clear_message(client, drawing):
     with pytest.raises(AppError, match="Value 2.5 is greater than maximum value 2") as refused:  # the slider's bound
-        client.predict(drawing, "x", 0.6, 4, 1, "scribble", 2.5, api_name="/live_img2img")
+        client.predict(drawing, "x", 0.6, 4, 1, "scribble", 2.5, 100, 200, api_name="/live_img2img")
     assert "Traceback" not in str(refused.value)
-    path, _, _ = client.predict(drawing, "still serving", 0.6, 4, 1, "scribble", 1.0, api_name="/live_img2img")
+    path, _, _ = client.predict(drawing, "still serving", 0.6, 4, 1, "scribble", 1.0, 100, 200,
+                                 api_name="/live_img2img")
     assert read_params(path)["prompt"] == "still serving"
+
+
+def test_the_pages_edge_thresholds_reach_the_edge_detector():
+    """The handler makes the control image with the page's thresholds (a faint square: found at 10-30, not 300-600)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from lcm_live.handlers import LiveApp
+    from lcm_live.live import Limits
+    from lcm_live.request import Request
+
+    loop = SimpleNamespace(info={"controls": ["edges"], "native_size": 64, "model": "m"}, limits=Limits())
+    app = LiveApp(SimpleNamespace(), loop)
+    faint = Image.new("RGB", (64, 64), (40, 40, 40))
+    ImageDraw.Draw(faint).rectangle((16, 16, 47, 47), fill=(70, 70, 70))
+    request = Request(prompt="x", image=faint)
+    low, shown = asyncio.run(app._controlled(request, faint, "edges", 1.0, (10, 30)))
+    assert low.control == "edges" and low.control_image is shown and np.asarray(shown).any()
+    _, none_found = asyncio.run(app._controlled(request, faint, "edges", 1.0, (300, 600)))
+    assert not np.asarray(none_found).any()
+    unchanged, nothing = asyncio.run(app._controlled(request, faint, "depth", 1.0, (10, 30)))  # not loaded: off
+    assert unchanged is request and nothing is None

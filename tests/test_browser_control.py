@@ -61,7 +61,7 @@ def test_a_drawn_triangle_outline_puts_a_triangle_there(page, artifacts, monkeyp
     time.sleep(0.5)
     # one stroke around a triangle in the upper left of the drawing area (the middle of the editor)
     left, top, side = box["x"] + box["width"] / 2 - box["height"] * 0.42, box["y"] + box["height"] * 0.08, box["height"] * 0.84
-    corners = [(0.28, 0.1), (0.5, 0.5), (0.06, 0.5), (0.28, 0.1)]
+    corners = [(0.3, 0.12), (0.5, 0.46), (0.1, 0.46), (0.3, 0.12)]
     page.mouse.move(left + side * corners[0][0], top + side * corners[0][1])
     page.mouse.down()
     for (x0, y0), (x1, y1) in zip(corners, corners[1:]):

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 
 from lcm_live.settings import Settings
 
@@ -38,12 +39,14 @@ def build(settings: Settings):
     from lcm_live.handlers import LiveApp, OutputStore
     from lcm_live.live import Limits, LiveLoop
     from lcm_live.models import ModelManager, SwitchPolicy
-    from lcm_live.presets import PRESETS, resolve_spec
+    from lcm_live.presets import PRESETS, parse_controls, resolve_spec
     from lcm_live.ui import build_ui
 
     runtime = pick_runtime(settings.device, settings.dtype)
     wanted = resolve_spec(settings.preset, settings.base, settings.lora, settings.style_lora, settings.style_weight,
                           settings.base_config)  # fmt: skip
+    if settings.control:
+        wanted = replace(wanted, controls=parse_controls(settings.control))
     store = OutputStore()
     # Visitors use the operator's model unless told otherwise; nothing loads from uploads or outputs.
     uploads = (get_upload_folder(), os.path.join(tempfile.gettempdir(), "gradio"))  # GRADIO_TEMP_DIR, its default
@@ -63,12 +66,12 @@ def build(settings: Settings):
         loop = LiveLoop(manager.load_now(PRESETS["demo"], compile=settings.compile and wanted.is_embedded), limits,
                         max_batch=settings.max_batch)  # fmt: skip
     manager.attach(loop)
-    if not wanted.is_embedded and not zero:
+    if wanted != PRESETS["demo"] and not zero:  # another model, or the embedded one with other adapters or controls
         manager.switch(wanted)
         log.info("serving the embedded demo model while %s loads in the background (the page shows its progress)",
                  wanted.name)  # fmt: skip
     else:
-        log.info("serving the embedded demo model")
+        log.info("serving %s", wanted.name if zero else "the embedded demo model")
     app = LiveApp(manager, loop, store)
     if settings.live_socket:
         attach_sockets(app, settings)

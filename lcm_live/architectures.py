@@ -240,3 +240,18 @@ def save_model_with_lora(arch: str, folder: str, seed: int = 0, lora_style: str 
     state, config = random_lcm_lora_state(pipe.unet, rank=rank, seed=seed + 1)
     lora_path = save_lora(pipe, state, config, os.path.join(folder, "lcm-lora"), style=lora_style)
     return {"base": os.path.join(folder, "base"), "lora": lora_path}
+
+
+def random_controlnet(unet: UNet2DConditionModel, seed: int = 0, scale: float = 0.05):
+    """A ControlNet shaped for `unet` (diffusers' `from_unet`), its zero-initialised output convolutions made random
+    so that it changes the image: the stand-in for a trained one."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_unet(unet)
+    generator = torch.Generator().manual_seed(seed)
+    zeros = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for conv in zeros:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * scale)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * scale)
+    return net

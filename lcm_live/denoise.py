@@ -102,5 +102,5 @@ def abort_hooks(unet, should_abort: Callable[[], bool]) -> list:
         if should_abort():
             raise GenerationStopped(0)
 
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    blocks = [*unet.down_blocks, unet.mid_block, *getattr(unet, "up_blocks", [])]  # a ControlNet has no up blocks
     return [block.register_forward_pre_hook(check_block) for block in blocks if block is not None]

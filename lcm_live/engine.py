@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderTiny, AutoPipelineForImage2Image
 from PIL import Image
 
-from . import denoise, vae
+from . import controlnets, denoise, vae
 from .cuda_graphs import GraphCache
 from .device import Runtime
 from .loading import cache_first, load_pipeline, load_taesd, public_id
@@ -44,13 +44,15 @@ log = logging.getLogger("lcm_live")
 class Engine:
     """Owns one pipeline; `generate` runs a Request. Callers serialise their calls (the live loop does)."""
 
-    def __init__(self, pipe, spec: ModelSpec, runtime: Runtime, family: str, tiny_vae: AutoencoderTiny | None = None):
+    def __init__(self, pipe, spec: ModelSpec, runtime: Runtime, family: str, tiny_vae: AutoencoderTiny | None = None,
+                 controls: dict | None = None):  # fmt: skip
         self.txt2img = pipe
         self.img2img = AutoPipelineForImage2Image.from_pipe(pipe)  # same UNet, VAE and text encoders
         self.img2img.set_progress_bar_config(disable=True)
         self.spec, self.runtime, self.family = spec, runtime, family
         self.full_vae = pipe.vae
         self.tiny_vae = tiny_vae
+        self.controls = controls or {}  # control name -> its ControlNet (run in the same step as the UNet)
         self.native_size = spec.native_size or pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.prompts = PromptCache(pipe, family, runtime.device)
         self._lock = threading.Lock()  # generate() runs one request at a time
@@ -73,10 +75,12 @@ class Engine:
         Local files first, the network only for what is missing. Each stage is one line of the "lcm_live" log."""
         stage = _stages(spec, progress)
         try:
-            # 1. The pipeline (weights, LoRA fused, the recipe's scheduler), optionally compiled on the warm-up run.
+            # 1. The pipeline (weights, LoRA fused, the recipe's scheduler), optionally compiled on the warm-up run,
+            #    and its ControlNets.
             pipe, family = cache_first(lambda local: load_pipeline(spec, runtime, local, stage), local_files_only)
             if compile:  # a new image size compiles again
                 pipe.unet = torch.compile(pipe.unet)
+            controls = controlnets.load_controlnets(spec, family, pipe.unet, runtime, local_files_only, stage)
             # 2. The tiny decoder for previews; the full VAE serves without it, saying so.
             tiny, notes = None, []
             if taesd:
@@ -85,7 +89,7 @@ class Engine:
                 except ModelLoadError as error:
                     notes.append(f"TAESD unavailable, decoding with the full VAE. {error}")
                     log.info("%s: %s", spec.name, notes[-1])
-            engine = cls(pipe, spec, runtime, family, tiny)
+            engine = cls(pipe, spec, runtime, family, tiny, controls)
             engine.notes, engine.compiled = notes, compile
             # 3. A warm-up run (compiles), CUDA graphs for the native size, and a webcam frame's time.
             if warmup:
@@ -127,7 +131,12 @@ class Engine:
     # ------------------------------------------------------------------ checks and text
     def check(self, request: Request) -> tuple[Request, list[str]]:
         """The request with defaults filled in, plus warnings; ValueError with the bound for bad values."""
-        return checked(request, self.native_size)
+        request, warnings = checked(request, self.native_size)
+        if request.control is not None and request.control not in self.controls:
+            loaded = ", ".join(self.controls) or "none"
+            raise ValueError(f"This model has no {request.control} control (loaded: {loaded}); start it with "
+                             f"--control {request.control}, or turn the control off.")  # fmt: skip
+        return request, warnings
 
     def encode_text(self, prompt: str, negative_prompt: str, guided: bool) -> tuple[dict, bool, list[str]]:
         """Prompt embeddings as pipeline kwargs, from the cache when this prompt was seen; (kwargs, cached, warnings)."""
@@ -161,10 +170,23 @@ class Engine:
                                                        request.guidance_scale > 1.0)  # fmt: skip
         text_ms = (time.perf_counter() - began) * 1e3
         scheduler, timesteps, strength = schedule(self.txt2img, self.img2img, request)
-        return Row(request=request, warnings=warnings + text_warnings, strength=strength, text=text,
+        control, features = self._control_input(request)
+        return Row(control=control, features=features, request=request, warnings=warnings + text_warnings, strength=strength, text=text,
                    scheduler=scheduler, timesteps=timesteps, generator=torch.Generator("cpu").manual_seed(request.seed),
                    latents=None, plan=lcm_plan(scheduler, timesteps), text_cached=cached, text_ms=text_ms,
                    began=began)  # fmt: skip
+
+    def _control_input(self, request: Request) -> tuple[torch.Tensor | None, list | None]:
+        """(what the row's ControlNet sees, or its T2I-Adapter's features: made once here) for a controlled row."""
+        if request.control is None:
+            return None, None
+        net = self.controls[request.control]
+        channels = getattr(net.config, "in_channels", 3) if isinstance(net, controlnets.T2IAdapter) else 3
+        control = controlnets.control_tensor(request.control_image, request.width, request.height, self._to_device,
+                                             channels)  # fmt: skip
+        if isinstance(net, controlnets.T2IAdapter):
+            return control, controlnets.adapter_features(net, control, request.control_scale)
+        return control, None
 
     def _encode_inputs(self, rows: list[Row]) -> dict[int, torch.Tensor | Exception]:
         """Input images of img2img rows -> their scaled latents (1, 4, h, w) by id(row), or the row's error."""
@@ -187,13 +209,22 @@ class Engine:
         # 1. The batch: every row's conditional entry, then the unconditional entries of guided rows.
         control = self._control(rows)  # (B, 8) on the device: t, guidance and the LCM coefficients per row
         inputs = denoise.unet_inputs(rows, control, self.family, self.step_cache.time_ids)
-        # 2. One UNet call for all of them (a captured CUDA graph on a GPU).
-        warming = self.unet_graphs.enabled and not self.unet_graphs.is_captured(*inputs)
+        controlled = any(row.control is not None for row in rows)
+        # 2. One UNet call for all of them (a captured CUDA graph on a GPU; eager with ControlNets), after one call
+        #    of each ControlNet the rows use.
+        graphs = self.unet_graphs.enabled and not controlled
+        warming = graphs and not self.unet_graphs.is_captured(*inputs)
         stoppable = should_abort is not None and not self.unet_graphs.enabled and not self.compiled
-        hooks = denoise.abort_hooks(self.txt2img.unet, should_abort) if stoppable else []
+        nets = [net for net in self.controls.values() if isinstance(net, controlnets.ControlNetModel)]
+        modules = [self.txt2img.unet, *nets] if controlled else [self.txt2img.unet]
+        hooks = [h for module in modules for h in denoise.abort_hooks(module, should_abort)] if stoppable else []
         try:
             with torch.inference_mode():
-                (eps,) = self.unet_graphs(*inputs)  # (E, 4, h, w)
+                if graphs:
+                    (eps,) = self.unet_graphs(*inputs)  # (E, 4, h, w)
+                else:
+                    extra = controlnets.residuals(self.controls, rows, inputs) or {}
+                    (eps,) = self._unet_forward(*inputs, **extra)
                 # 3. Guidance, then each row's scheduler step (all LCM rows at once).
                 denoise.update(rows, eps, control, self.step_cache.noise_for, self.step_options)
         except GenerationStopped:
@@ -211,7 +242,7 @@ class Engine:
             row.eager_steps += warming
         return True
 
-    def _unet_forward(self, sample, t, embeds, pooled=None, time_ids=None) -> tuple[torch.Tensor]:
+    def _unet_forward(self, sample, t, embeds, pooled=None, time_ids=None, **residuals) -> tuple[torch.Tensor]:
         unet = self.txt2img.unet
         added = {"text_embeds": pooled, "time_ids": time_ids} if pooled is not None else None
         timestep_cond = None
@@ -219,7 +250,7 @@ class Engine:
             timestep_cond = self.txt2img.get_guidance_scale_embedding(
                 self._w - 1, embedding_dim=unet.config.time_cond_proj_dim).to(sample.dtype)  # fmt: skip
         return (unet(sample, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond, added_cond_kwargs=added,
-                     return_dict=False)[0],)  # fmt: skip
+                     return_dict=False, **residuals)[0],)  # fmt: skip
 
     def _control(self, rows: list[Row]) -> torch.Tensor:
         """The rows' control values sent in one copy; (B, 8)."""
@@ -336,6 +367,10 @@ class Engine:
         if request.image is not None:
             params["strength"] = round(strength, 4)
             params["input"] = image_digest(request.image)
+        if request.control is not None:
+            params["control"] = dict(kind=request.control, scale=request.control_scale,
+                                     image=image_digest(request.control_image),
+                                     model=public_id(dict(self.spec.controls).get(request.control)))  # fmt: skip
         return params
 
     def free_memory(self) -> None:
@@ -349,7 +384,8 @@ class Engine:
         return dict(model=self.spec.name, family=self.family, runtime=self.runtime.label,
                     native_size=self.native_size, embedded=self.spec.is_embedded,
                     decoder="TAESD" if self.tiny_vae is not None else "VAE", frame_ms=self.frame_ms,
-                    steps=self.spec.recipe.steps, guidance_scale=self.spec.recipe.guidance_scale)  # fmt: skip
+                    steps=self.spec.recipe.steps, guidance_scale=self.spec.recipe.guidance_scale,
+                    controls=list(self.controls))  # fmt: skip
 
 
 def _stages(spec: ModelSpec, progress=None) -> Callable[[float, str], None]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import gradio as gr
 from PIL import Image, ImageDraw
 
+from .control import CANNY_HIGH, CANNY_LOW, ControlError, DepthEstimator, preprocess
 from .inputs import ImageUpload, clean_prompt
 from .live import SUPERSEDED, Limits, LiveLoop, Outcome
 from .pngmeta import save_png
@@ -186,6 +187,7 @@ class LiveApp:
         self.pacer = FramePacer()
         places = one_shot_places or max(API_CONCURRENCY, getattr(loop, "max_batch", 0))
         self.gate = OneShotGate(places, self.limits.address_jobs)
+        self.depth = DepthEstimator()  # loaded on first use, from the local cache only
         self.sockets = None  # the live WebSocket for webcam frames (stream.LiveSockets), where the app serves one
         self.decodes = AddressShare(DECODES_PER_ADDRESS, "images being read")
         self.streams = StreamBook(STREAMS_PER_ADDRESS, STREAM_IDLE_S)
@@ -261,43 +263,79 @@ class LiveApp:
         shown = await self._generate(Visitor.of(request), "txt2img", req)
         return shown if shown is not None else (gr.skip(), gr.skip())
 
-    async def img2img(self, image, prompt, strength, steps, seed, request: gr.Request = None):
+    async def img2img(self, image, prompt, strength, steps, seed, control="off", control_scale=1.0,
+                      edge_low=CANNY_LOW, edge_high=CANNY_HIGH, request: gr.Request = None):  # fmt: skip
         if image is None:
-            return gr.skip(), "Upload, paste or pick an image to start."
+            return gr.skip(), "Upload, paste or pick an image to start.", gr.skip()
         visitor = Visitor.of(request)
-        req = _img2img_request(await self._read_image(visitor, image), prompt, strength, steps, seed)
+        image = await self._read_image(visitor, image)
+        req, shown_control = await self._controlled(_img2img_request(image, prompt, strength, steps, seed), image,
+                                                    control, control_scale, (edge_low, edge_high))  # fmt: skip
         shown = await self._generate(visitor, "img2img", req)
-        return shown if shown is not None else (gr.skip(), gr.skip())
+        return (*shown, shown_control) if shown is not None else (gr.skip(),) * 3
 
-    async def webcam(self, image, prompt, strength, steps, seed, request: gr.Request = None):
+    async def webcam(self, image, prompt, strength, steps, seed, control="off", control_scale=1.0,
+                     edge_low=CANNY_LOW, edge_high=CANNY_HIGH, request: gr.Request = None):  # fmt: skip
         visitor = Visitor.of(request)
         try:
             self.streams.frame(visitor.address, current_event(), useful=image is not None)
         except ValueError as error:  # too many streams, or an idle one: ends this stream, frees its place
             raise _error(error) from error
         if image is None:
-            return gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip()
         # The browser's pace was fixed when the page was built (Gradio's stream_every); the serving model's is
         # kept here: a frame sooner than the model makes them is dropped before any work (before decoding).
         if not self.pacer.admit(visitor.slot("webcam"), self.frame_interval()):
-            return gr.skip(), gr.skip()
-        req = _img2img_request(await self._read_image(visitor, image), prompt, strength, steps, seed)
+            return gr.skip(), gr.skip(), gr.skip()
+        image = await self._read_image(visitor, image)
+        req, shown_control = await self._controlled(_img2img_request(image, prompt, strength, steps, seed), image,
+                                                    control, control_scale, (edge_low, edge_high))  # fmt: skip
         # A newer frame replaces the pending one but lets the running one finish: frames faster than a generation
         # would otherwise stop every one of them before its image.
         shown = await self._generate(visitor, "webcam", req, preempt=False)
-        return shown if shown is not None else (gr.skip(), gr.skip())
+        return (*shown, shown_control) if shown is not None else (gr.skip(),) * 3
 
-    async def sketch(self, canvas, prompt, strength, steps, seed, request: gr.Request = None):
-        """The sketch tab: the canvas (its flattened composite, checked like any upload) as image-to-image input."""
+    async def sketch(self, canvas, prompt, strength, steps, seed, control="off", control_scale=1.0,
+                     edge_low=CANNY_LOW, edge_high=CANNY_HIGH, request: gr.Request = None):  # fmt: skip
+        """The sketch tab: the canvas (its flattened composite, checked like any upload) as image-to-image input,
+        or, with the scribble control, as the control alone (the strokes say where, the prompt what)."""
         composite = canvas.get("composite") if isinstance(canvas, dict) else None
         if composite is None or composite == "":
-            return gr.skip(), "Draw on the canvas to start."
+            return gr.skip(), "Draw on the canvas to start.", gr.skip()
         visitor = Visitor.of(request)
         if isinstance(composite, str):  # a path (called directly, not through the page's editor)
             composite = ImageUpload(composite, None)
-        req = _img2img_request(await self._read_image(visitor, composite), prompt, strength, steps, seed)
+        image = await self._read_image(visitor, composite)
+        req, shown_control = await self._controlled(_img2img_request(image, prompt, strength, steps, seed), image,
+                                                    control, control_scale, (edge_low, edge_high),
+                                                    drawing=True)  # fmt: skip
         shown = await self._generate(visitor, "sketch", req)
-        return shown if shown is not None else (gr.skip(), gr.skip())
+        return (*shown, shown_control) if shown is not None else (gr.skip(),) * 3
+
+    def controls(self) -> list[str]:
+        """The structure controls the serving model has loaded (its ControlNets)."""
+        return list(self.loop.info.get("controls") or [])
+
+    async def _controlled(self, request: Request, source: Image.Image, control, control_scale,
+                          edges: tuple = (CANNY_LOW, CANNY_HIGH),
+                          drawing: bool = False) -> tuple[Request, Image.Image | None]:  # fmt: skip
+        """The request with its control image made from `source`, and that image (to show); the request as it
+        was when the control is off or the serving model has none of that kind. A drawing with the scribble
+        control drops the drawing as input image: the strokes are the control, not a blurred start."""
+        kind = control if isinstance(control, str) else "off"
+        if kind == "off" or kind not in self.controls():
+            return request, None
+        scale = _float(control_scale, "control strength")
+        try:
+            low, high = (_int(value, "edge threshold") if value is not None else default
+                         for value, default in zip(edges, (CANNY_LOW, CANNY_HIGH)))  # fmt: skip
+            image = await asyncio.to_thread(preprocess, kind, source, low, high, side=self.bounds()[0],
+                                            depth=self.depth)  # fmt: skip
+        except ControlError as error:
+            raise _error(error) from error
+        if drawing and kind == "scribble":
+            request = replace(request, image=None)
+        return replace(request, control=kind, control_image=image, control_scale=scale), image
 
     async def sweep(self, prompt, negative_prompt, guidance_scale, seed, width, height, request: gr.Request = None):
         """The page's step sweep: the same seed at 1..8 steps as one labelled grid; a newer sweep supersedes it."""

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .request import MAX_GUIDANCE, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS
+from .request import CONTROLS, MAX_GUIDANCE, MAX_STEPS, MIN_GUIDANCE, MIN_STEPS
 
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -129,10 +129,12 @@ class ModelSpec:
     style_lora: str | None = None  # any LoRA stacked on the speed adapter (same forms as `lora`)
     style_weight: float = 1.0  # its weight when fused
     config: str | None = None  # single-file base only: a diffusers folder or hub id with the family's configs
+    controls: tuple[tuple[str, str | None], ...] = ()  # (control, ControlNet id/folder/file or None: the family's)
 
     def __post_init__(self):
         _check_weight("The speed adapter's weight", self.lora_weight)
         _check_weight("The style LoRA's weight", self.style_weight)
+        object.__setattr__(self, "controls", tuple((kind, source) for kind, source in self.controls))  # from JSON
 
     @property
     def name(self) -> str:
@@ -164,6 +166,12 @@ class ModelSpec:
         return [(lora, weight) for lora, weight in pairs if lora]
 
 
+def embedded_controls() -> tuple[tuple[str, str], ...]:
+    """The embedded model's own scribble ControlNet, where it ships (`python -m lcm_live.demo_model train-control`)."""
+    folder = EMBEDDED_MODEL / "controlnet-scribble"
+    return (("scribble", str(folder)),) if (folder / "config.json").exists() else ()
+
+
 SD15, SDXL = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
 SD15_LICENCE, SDXL_LICENCE = "CreativeML Open RAIL-M", "CreativeML Open RAIL++-M"
 STABILITY_NC = "Stability AI Non-Commercial Research Community License (sai-nc-community)"
@@ -178,7 +186,7 @@ PRESETS: dict[str, ModelSpec] = {
     "collage": ModelSpec("wavymulder/collage-diffusion", "latent-consistency/lcm-lora-sdv1-5", 512,
                          "Collage Diffusion + LCM-LoRA", licence=f"{SD15_LICENCE}; LCM-LoRA: openrail++"),
     "demo": ModelSpec(str(EMBEDDED_MODEL / "base"), str(EMBEDDED_MODEL / "lcm-lora"), None, "embedded demo model",
-                      licence="Apache 2.0 (this project)"),
+                      licence="Apache 2.0 (this project)", controls=embedded_controls()),
     "tcd-sd15": ModelSpec(SD15, "h1t/TCD-SD15-LoRA", 512, "SD 1.5 + TCD-LoRA", recipe=TCD,
                           licence=f"{SD15_LICENCE}; TCD-LoRA: MIT"),
     "tcd-sdxl": ModelSpec(SDXL, "h1t/TCD-SDXL-LoRA", 1024, "SDXL + TCD-LoRA", recipe=TCD,
@@ -205,7 +213,50 @@ for _steps in (2, 4, 8):
         f"SDXL + Lightning {_steps}-step LoRA", recipe=euler_trailing(_steps),
         licence=f"{SDXL_LICENCE}; SDXL-Lightning: openrail++",
     )  # fmt: skip
+# SDXS: one-step distilled models with their own tiny VAE in `vae/` (as the pipeline loads them), sampled as the cards
+# say: "the same inference steps as the loaded model and CFG set to 0". Euler with trailing spacing puts that one
+# step at the last timestep (999), as for SD-Turbo, SDXS's teacher. The sketch variant is a ControlNet for
+# SDXS-512-DreamShaper (IDKiro/sdxs, demo_sketch.py: the strokes inverted to white on black).
+PRESETS["sdxs"] = ModelSpec("IDKiro/sdxs-512-0.9", None, 512, "SDXS-512-0.9 (1 step)", recipe=euler_trailing(1),
+                            licence="openrail++")  # fmt: skip
+PRESETS["sdxs-sketch"] = ModelSpec(
+    "IDKiro/sdxs-512-dreamshaper", None, 512, "SDXS-512-DreamShaper + sketch ControlNet (1 step)",
+    recipe=euler_trailing(1), licence="openrail++", controls=(("scribble", "IDKiro/sdxs-512-dreamshaper-sketch"),),
+)  # fmt: skip
 DEFAULT_PRESET = "sd15"
+
+# What a control name loads by default, per family: the lllyasviel v1.1 ControlNets for SD 1.5, TencentARC's
+# T2I-Adapters for SDXL (an adapter runs once per image, not once per step).
+CONTROL_IDS = {
+    "sd15": {"scribble": "lllyasviel/control_v11p_sd15_scribble", "edges": "lllyasviel/control_v11p_sd15_canny",
+             "depth": "lllyasviel/control_v11f1p_sd15_depth"},
+    "sdxl": {"scribble": "TencentARC/t2i-adapter-sketch-sdxl-1.0", "edges": "TencentARC/t2i-adapter-canny-sdxl-1.0",
+             "depth": "TencentARC/t2i-adapter-depth-midas-sdxl-1.0"},
+}  # fmt: skip
+_CONTROL_HINTS = {"scribble": ("scribble", "sketch"), "edges": ("canny", "edge", "lineart"), "depth": ("depth",)}
+
+
+def parse_controls(text: str | None) -> tuple[tuple[str, str | None], ...]:
+    """`--control` as pairs: "scribble,edges" (the family's ControlNets), "depth=<id, folder or file>", or an id
+    whose name says its control (`lllyasviel/control_v11p_sd15_canny`); ValueError saying what did not parse."""
+    pairs = []
+    for item in (part.strip() for part in (text or "").split(",")):
+        if not item:
+            continue
+        kind, _, source = item.partition("=") if "=" in item else (item, "", "")
+        if source or kind in CONTROLS:
+            if kind not in CONTROLS:
+                raise ValueError(f"--control {item!r}: the control must be one of {', '.join(CONTROLS)}.")
+            pairs.append((kind, source or None))
+            continue
+        guessed = [name for name, hints in _CONTROL_HINTS.items() if any(hint in item.lower() for hint in hints)]
+        if len(guessed) != 1:
+            raise ValueError(f"--control {item!r}: say which control it is, e.g. scribble={item}.")
+        pairs.append((guessed[0], item))
+    kinds = [kind for kind, _ in pairs]
+    if len(set(kinds)) < len(kinds):
+        raise ValueError(f"--control names a control twice: {', '.join(kinds)}.")
+    return tuple(pairs)
 
 # TAESD decoders (diffusers AutoencoderTiny) per family.
 TAESD = {"sd15": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}

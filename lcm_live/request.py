@@ -20,6 +20,10 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 1000  # far past 77 tokens; longer text is cut before it reaches the tokenizer
 MAX_TEXT_CHARS = 64 * 1024  # any text value in a request; longer ones are refused before they are stored
 DECODERS = ("auto", "full", "tiny")  # auto: the fast preview decoder when one is loaded
+CONTROLS = ("scribble", "edges", "depth")  # structure controls a model may have loaded (see lcm_live/control.py)
+MIN_CONTROL_SCALE, MAX_CONTROL_SCALE = 0.0, 2.0  # the ControlNet's conditioning scale
+MIN_CONTROL_SIDE, MAX_CONTROL_SIDE = 64, 4096  # a control image's sides, in pixels
+MAX_CONTROL_ASPECT_GAP = 1.25  # how far a control image's aspect may be from the image's (it is cropped to fit)
 
 
 class GenerationStopped(Exception):
@@ -54,6 +58,9 @@ class Request:
     image: Image.Image | None = field(default=None, compare=False)  # given: image-to-image
     strength: float = 0.5  # image-to-image only: how far from the input image to go
     decoder: str = "auto"  # "auto", "full" or "tiny"
+    control: str | None = None  # a structure control the model has loaded ("scribble", "edges", "depth"), or None
+    control_image: Image.Image | None = field(default=None, compare=False)  # what that control sees (preprocessed)
+    control_scale: float = 1.0  # the control's conditioning scale, 0 (none) to 2
 
     @property
     def mode(self) -> str:
@@ -139,8 +146,10 @@ def checked(request: Request, native_size: int) -> tuple[Request, list[str]]:
         raise ValueError(f"strength must be above 0 and at most 1; got {request.strength}.")
     if request.decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {', '.join(DECODERS)}; got {request.decoder!r}.")
-    if request.image is not None:
-        default_width, default_height = fit_size(request.image.width, request.image.height, native_size)
+    _check_control(request)
+    shape = request.image if request.image is not None else request.control_image
+    if shape is not None:
+        default_width, default_height = fit_size(shape.width, shape.height, native_size)
     else:
         default_width = default_height = native_size
     width = default_width if request.width is None else request.width
@@ -148,6 +157,8 @@ def checked(request: Request, native_size: int) -> tuple[Request, list[str]]:
     for name, value in (("width", width), ("height", height)):
         if not MIN_SIZE <= value <= MAX_SIZE or value % SIZE_STEP:
             raise ValueError(f"{name} must be a multiple of {SIZE_STEP} from {MIN_SIZE} to {MAX_SIZE}; got {value}.")
+    if request.control_image is not None:
+        _check_control_aspect(request.control_image, width, height)
     prompt = request.prompt[:MAX_PROMPT_CHARS]  # cut before anything tokenizes it
     if len(prompt) < len(request.prompt):
         warnings.append(
@@ -157,6 +168,36 @@ def checked(request: Request, native_size: int) -> tuple[Request, list[str]]:
     return replace(request, prompt=prompt, negative_prompt=request.negative_prompt[:MAX_PROMPT_CHARS],
                    width=int(width), height=int(height), steps=int(request.steps),
                    seed=int(request.seed)), warnings  # fmt: skip
+
+
+def _check_control(request: Request) -> None:
+    """ValueError naming what does not fit in a request's control fields."""
+    if request.control is None:
+        if request.control_image is not None:
+            raise ValueError(f"A control image was given without a control; choose one of {', '.join(CONTROLS)}.")
+        return
+    if request.control not in CONTROLS:
+        raise ValueError(f"control must be one of {', '.join(CONTROLS)} (or none); got {request.control!r}.")
+    scale = request.control_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
+            MIN_CONTROL_SCALE <= scale <= MAX_CONTROL_SCALE):  # fmt: skip
+        raise ValueError(f"control_scale must be from {MIN_CONTROL_SCALE:g} to {MAX_CONTROL_SCALE:g}; got {scale!r}.")
+    image = request.control_image
+    if image is None:
+        raise ValueError(f"The {request.control} control needs a control image.")
+    if not isinstance(image, Image.Image) or image.mode not in ("RGB", "L"):
+        mode = image.mode if isinstance(image, Image.Image) else type(image).__name__
+        raise ValueError(f"The control image must be an RGB or greyscale image; got {mode}.")
+    if not all(MIN_CONTROL_SIDE <= side <= MAX_CONTROL_SIDE for side in image.size):
+        raise ValueError(f"The control image is {image.width}x{image.height}; each side must be from "
+                         f"{MIN_CONTROL_SIDE} to {MAX_CONTROL_SIDE} pixels.")  # fmt: skip
+
+
+def _check_control_aspect(image: Image.Image, width: int, height: int) -> None:
+    gap = (image.width / image.height) / (width / height)
+    if not 1 / MAX_CONTROL_ASPECT_GAP <= gap <= MAX_CONTROL_ASPECT_GAP:
+        raise ValueError(f"The control image is {image.width}x{image.height} but the image is {width}x{height}: "
+                         "their shapes differ too much to line up; give a control image of the image's shape.")
 
 
 def hud_line(timings: Timings, wait_ms: float, fps: float, runtime: str, model: str) -> str:

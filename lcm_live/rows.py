@@ -35,6 +35,8 @@ class Row:
     latents: torch.Tensor | None  # (1, 4, h, w); None until the row's initial latents are made
     plan: list | None = None  # LCM rows: per step (t, sqrt a, sqrt(1-a), c_out, c_skip, sqrt a_prev, sqrt(1-a_prev))
     noise: list = field(default_factory=list)  # LCM rows: the noise each step adds, drawn up front from `generator`
+    control: torch.Tensor | None = None  # (1, 3, H, W) in [0, 1]: what the row's ControlNet sees (request.control)
+    features: list | None = None  # a T2I-Adapter row: the adapter's features, scaled, made once at its start
     text_cached: bool = False
     index: int = 0  # steps done
     batch: int = 1  # the most rows it shared a UNet call with

@@ -6,7 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass, fields
 
-from .presets import PRESETS
+from .presets import PRESETS, parse_controls
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class Settings:
     style_lora: str | None = None  # a LoRA stacked on the speed adapter: hub id, folder or .safetensors file
     style_weight: float = 1.0  # the style LoRA's weight when fused
     base_config: str | None = None  # single-file base: a diffusers folder or hub id of its family's configs
+    control: str | None = None  # ControlNets to load: "scribble,edges,depth", "scribble=<id, folder or file>"
     device: str = "auto"  # auto, cuda, mps, cpu
     dtype: str = "auto"  # auto, float16, bfloat16, float32
     taesd: bool = True  # decode live frames with TAESD (fast), the settled image with the full VAE
@@ -81,6 +82,9 @@ class Settings:
         parser.add_argument("--style-weight", type=float, default=env.style_weight, help="the style LoRA's weight")
         parser.add_argument("--base-config", default=env.base_config,
                             help="for a single-file --base: a diffusers folder (or hub id) with its family's configs")  # fmt: skip
+        parser.add_argument("--control", default=env.control,
+                            help="ControlNets to load: scribble, edges, depth (comma-separated; the family's published "
+                                 "ones) or control=<hub id, folder or file>")  # fmt: skip
         parser.add_argument("--device", default=env.device, choices=["auto", "cuda", "mps", "cpu"])
         parser.add_argument("--dtype", default=env.dtype, choices=["auto", "float16", "bfloat16", "float32"])
         parser.add_argument("--taesd", action=argparse.BooleanOptionalAction, default=env.taesd,
@@ -160,6 +164,7 @@ class Settings:
                     byte_size(getattr(args, flag), "--" + flag.replace("_", "-"))
             if args.header_timeout <= 0 or args.address_connections < 1:
                 raise ValueError("--header-timeout must be above 0 and --address-connections at least 1.")
+            parse_controls(args.control)
         except ValueError as error:
             parser.error(str(error))
         return cls(**vars(args))

@@ -14,15 +14,18 @@ import gradio as gr
 from gradio.context import LocalContext
 
 from . import stream
+from .control import CANNY_HIGH, CANNY_LOW
 from .handlers import DEMO_PROMPT, PHOTO_PROMPT, LiveApp  # noqa: F401  (the example prompts, named here too)
 from .inputs import ImageUpload
 from .presets import ASSETS, PRESETS, preset_choices
 from .request import (
+    MAX_CONTROL_SCALE,
     MAX_GUIDANCE,
     MAX_SEED,
     MAX_SIZE,
     MAX_STEPS,
     MAX_STRENGTH,
+    MIN_CONTROL_SCALE,
     MIN_GUIDANCE,
     MIN_SIZE,
     MIN_STEPS,
@@ -89,16 +92,37 @@ def _strength(elem_id: str, value: float = 0.5) -> gr.Slider:
     return gr.Slider(MIN_STRENGTH, MAX_STRENGTH, value, step=0.05, label="Strength", elem_id=elem_id)
 
 
-def _image_controls(app: LiveApp, prompt_text: str, prefix: str, steps_key: str, strength: float = 0.5) -> list:
-    """[prompt, strength, steps, seed] of an image-to-image tab, their element ids starting with `prefix`."""
+def _image_controls(app: LiveApp, prompt_text: str, prefix: str, steps_key: str, strength: float = 0.5,
+                    control: str = "off") -> list:  # fmt: skip
+    """[prompt, strength, steps, seed, control, control strength] of an image-to-image tab, their element ids
+    starting with `prefix`; `control` is the tab's default where the serving model has it."""
     return [gr.Textbox(prompt_text, label="Prompt", lines=2, elem_id=f"{prefix}-prompt"),
             _strength(f"{prefix}-strength", strength), _steps(app.defaults()[steps_key], f"{prefix}-steps"),
-            _seed(f"{prefix}-seed")]  # fmt: skip
+            _seed(f"{prefix}-seed"), *_control(app, prefix, control)]  # fmt: skip
+
+
+def _control(app: LiveApp, prefix: str, default: str) -> list:
+    """[control choice, control strength, edge thresholds low and high]: off, or a structure control (ControlNet or
+    T2I-Adapter) the serving model has."""
+    loaded = app.controls()
+    choice = gr.Radio(["off", *loaded], value=default if default in loaded else "off", label="Control",
+                      info="The control image fixes where things are; the prompt says what they are.",
+                      elem_id=f"{prefix}-control")  # fmt: skip
+    scale = gr.Slider(MIN_CONTROL_SCALE, MAX_CONTROL_SCALE, 1.0, step=0.05, label="Control strength",
+                      elem_id=f"{prefix}-control-scale")  # fmt: skip
+    with gr.Accordion("Edge thresholds (Canny)", open=False, visible="edges" in loaded):
+        low = gr.Slider(0, 500, CANNY_LOW, step=5, label="Low", elem_id=f"{prefix}-edges-low")
+        high = gr.Slider(0, 500, CANNY_HIGH, step=5, label="High", elem_id=f"{prefix}-edges-high")
+    return [choice, scale, low, high]
 
 
 def _outputs(label: str, prefix: str) -> list:
-    """[image, HUD] of a live tab."""
-    return [_result(label, f"{prefix}-image", height=420), gr.Markdown(elem_id=f"{prefix}-hud", elem_classes="hud")]
+    """[image, HUD, control image] of a live tab."""
+    with gr.Row():
+        image = _result(label, f"{prefix}-image", height=420, scale=4)
+        control = gr.Image(type="pil", format="png", label="Control image", interactive=False, height=140, scale=1,
+                           elem_id=f"{prefix}-control-image", elem_classes="live-image")  # fmt: skip
+    return [image, gr.Markdown(elem_id=f"{prefix}-hud", elem_classes="hud"), control]
 
 
 def _result(label: str, elem_id: str, **options) -> gr.Image:
@@ -168,7 +192,7 @@ def webcam_tab(app: LiveApp, prompt_text: str) -> gr.Textbox | None:
                                      webcam_options=gr.WebcamOptions(mirror=True, constraints={
                                          "video": {"width": {"ideal": 640}, "height": {"ideal": 480}}}),
                                      elem_id="cam-input")  # fmt: skip
-                inputs = [camera, *_image_controls(app, prompt_text, "cam", "webcam_steps")]
+                inputs = [camera, *_image_controls(app, prompt_text, "cam", "webcam_steps", control="edges")]
             with gr.Column():
                 outputs = _outputs("Live output", "cam")
         gr.Markdown("Browsers grant the camera only on `localhost` or HTTPS pages.")
@@ -188,7 +212,8 @@ def sketch_tab(app: LiveApp, prompt_text: str, live: dict) -> None:
                                   elem_id="sketch-canvas")  # fmt: skip
             bound_sketchpad(canvas, SketchBlobs())  # its uploads bounded, only its composite decoded (by the handler)
             clear = gr.Button("Clear", elem_id="sketch-clear")
-            inputs = [canvas, *_image_controls(app, prompt_text, "sketch", "image_steps", strength=0.75)]
+            inputs = [canvas, *_image_controls(app, prompt_text, "sketch", "image_steps", strength=0.75,
+                                               control="scribble")]  # fmt: skip
         with gr.Column():
             outputs = _outputs("Result", "sketch")
     gr.on([canvas.change, *(c.change for c in inputs[1:])], app.sketch, inputs, outputs, api_name="live_sketch",

@@ -151,6 +151,7 @@ def test_sketch_repaints_on_every_stroke_and_ends_on_the_final_canvas(page, arti
 
     monkeypatch.setattr(inputs, "load_image", recording)  # the handler decodes each canvas it receives
     page.get_by_role("tab", name="Sketch").click()
+    page.locator("#sketch-control").get_by_label("off").check()  # the canvas as image-to-image input
     page.locator("#sketch-canvas").get_by_role("button", name="Brush").click()
     canvas = page.locator("#sketch-canvas canvas").first
     canvas.wait_for(state="visible", timeout=20_000)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lcm_live.architectures import SD_SCHEDULER, build_pipeline, random_lcm_lora_state, save_lora
+from lcm_live.architectures import SD_SCHEDULER, build_pipeline, random_controlnet, random_lcm_lora_state, save_lora
 from lcm_live.engine import Engine
 from lcm_live.loading import detect_family, load_pipeline
 from lcm_live.presets import PRESETS, ModelSpec, Recipe, resolve_spec
@@ -52,7 +52,11 @@ def hub_cache(tmp_path_factory):
     for seed, spec in enumerate(spec for key, spec in PRESETS.items() if key != "demo"):
         if spec.base not in bases:
             bases[spec.base] = build_pipeline("tiny-sdxl" if _family(spec) == "sdxl" else "tiny-sd15", seed=seed)
+            if "sdxs" in spec.base:  # SDXS ships its own tiny VAE as the pipeline's `vae`
+                bases[spec.base].vae = _tiny_vae()
             bases[spec.base].save_pretrained(_snapshot(cache, spec.base))
+        for _, source in spec.controls:  # the published ControlNets, as diffusers folders
+            random_controlnet(bases[spec.base].unet, seed=seed).save_pretrained(_snapshot(cache, source))
         if spec.lora is None:
             continue
         pipe = bases[spec.base]
@@ -64,6 +68,14 @@ def hub_cache(tmp_path_factory):
         config.lora_alpha = alpha or 4
         save_lora(pipe, state, config, str(_snapshot(cache, repo)), style, file)
     return cache
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    return AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                           num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))  # fmt: skip
 
 
 @pytest.fixture
@@ -93,6 +105,8 @@ CARDS = {
     "lightning-sdxl-8step": ("ByteDance/SDXL-Lightning/sdxl_lightning_8step_lora.safetensors", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, {}, 8),
     "sd-turbo": (None, "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, {}, 1),
     "sdxl-turbo": (None, "EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}, {}, 1),
+    "sdxs": (None, "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, {}, 1),
+    "sdxs-sketch": (None, "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}, {}, 1),
 }  # fmt: skip
 
 
@@ -102,7 +116,7 @@ def test_presets_carry_their_cards_settings(key):
     spec = PRESETS[key]
     assert (spec.lora, spec.recipe.scheduler, spec.recipe.scheduler_config) == (lora, scheduler, config)
     assert (spec.recipe.step_kwargs, spec.recipe.steps, spec.recipe.guidance_scale) == (step_kwargs, steps, 1.0)
-    assert spec.licence and spec.native_size == (512 if "sd15" in key or "turbo" in key else 1024)
+    assert spec.licence and spec.native_size == (512 if "sd15" in key or "turbo" in key or "sdxs" in key else 1024)
 
 
 def test_lcm_presets_are_unchanged():
@@ -495,3 +509,23 @@ def test_every_preset_goes_through_plain_data_and_back():
 
     for key, spec in PRESETS.items():
         assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec, key
+
+
+def test_sdxs_presets_decode_with_their_own_tiny_vae_and_sketch_with_their_controlnet(offline_hub, cpu32):
+    """SDXS as its card loads it (the tiny VAE in `vae/`), one step, no CFG; the sketch variant's ControlNet steers."""
+    from diffusers import AutoencoderTiny
+    from PIL import Image, ImageDraw
+
+    engine = Engine.load(PRESETS["sdxs"], cpu32, local_files_only=True, warmup=False)
+    assert isinstance(engine.full_vae, AutoencoderTiny) and engine.controls == {}
+    result = engine.generate(Request(prompt="a cat", steps=1, width=64, height=64))
+    assert result.timings.unet_steps == 1 and [float(t) for t in engine.start(Request(steps=1)).timesteps] == [999.0]
+    sketch = Engine.load(PRESETS["sdxs-sketch"], cpu32, local_files_only=True, warmup=False)
+    assert list(sketch.controls) == ["scribble"] and isinstance(sketch.full_vae, AutoencoderTiny)
+    drawing = Image.new("RGB", (64, 64))
+    ImageDraw.Draw(drawing).ellipse((16, 16, 48, 48), outline="white", width=3)
+    plain = sketch.generate(Request(prompt="a cat", steps=1, seed=1, width=64, height=64))
+    steered = sketch.generate(Request(prompt="a cat", steps=1, seed=1, width=64, height=64, control="scribble",
+                                      control_image=drawing, control_scale=0.8))  # fmt: skip
+    assert steered.params["control"]["kind"] == "scribble"
+    assert (steered.latents - plain.latents).abs().max() > 1e-3

@@ -1,4 +1,4 @@
-"""CLI: python -m lcm_live.demo_model {train,export,evaluate} ..."""
+"""CLI: python -m lcm_live.demo_model {train,export,evaluate,train-control,evaluate-control} ..."""
 
 from __future__ import annotations
 
@@ -31,6 +31,17 @@ def main(argv=None) -> None:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--skip-speed", action="store_true")
     ev.add_argument("--lcm-only", action="store_true", help="reuse the teacher rows of docs' demo-eval.json")
+    tc = sub.add_parser("train-control", help="train the scribble ControlNet for the embedded model (resumable)")
+    tc.add_argument("--model", default="assets/demo-model")
+    tc.add_argument("--workdir", default="runs/demo-control")
+    tc.add_argument("--out", default=None, help="default: MODEL/controlnet-scribble")
+    tc.add_argument("--threads", type=int, default=1)
+    tc.add_argument("--minutes", type=float, default=22.0)
+    tc.add_argument("--steps", type=int, default=100_000)
+    ec = sub.add_parser("evaluate-control", help="the scribble control's IoU with the drawing, on and off")
+    ec.add_argument("--model", default="assets/demo-model")
+    ec.add_argument("--n", type=int, default=40)
+    ec.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
 
     if a.cmd == "train":
@@ -51,6 +62,22 @@ def main(argv=None) -> None:
         trained = train_all(cfg, a.workdir)
         export(trained, a.out)
         print(f"train: done in {time.time() - t0:.0f}s -> {a.out}")
+    elif a.cmd == "train-control":
+        from .control import ControlTrainConfig, train_control
+
+        torch.set_num_threads(a.threads)
+        out = train_control(a.model, a.workdir, a.out, ControlTrainConfig(minutes=a.minutes, steps=a.steps))
+        print(f"train-control: exported to {out}")
+    elif a.cmd == "evaluate-control":
+        from ..device import pick_runtime
+        from ..engine import Engine
+        from ..presets import ModelSpec
+        from .control import evaluate_control
+
+        torch.set_num_threads(a.threads)
+        spec = ModelSpec(f"{a.model}/base", f"{a.model}/lcm-lora", controls=(("scribble",
+                                                                             f"{a.model}/controlnet-scribble"),))  # fmt: skip
+        print(evaluate_control(Engine.load(spec, pick_runtime("cpu", "float32"), warmup=False), n=a.n))
     elif a.cmd == "export":
         from .export import export, load_workdir
 

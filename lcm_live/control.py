@@ -59,7 +59,8 @@ def edges(image, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> Image.Image:
 def scribble(canvas, side: int | None = None, threshold: int = 128) -> Image.Image:
     """A drawing (dark strokes on light paper, or on a transparent canvas) -> white strokes on black (RGB).
 
-    With `side`, the result is made at about side x side (the image's size) with strokes still solid: every block
+    With `side`, the result's short side is `side` (the image's size; a 4:3 webcam frame keeps its shape and stays
+    within the control's size limits) with strokes still solid: every block
     that a stroke touches becomes white, so thin lines do not fade away when a large canvas is scaled down."""
     canvas = checked_image(canvas, "drawing")
     ink = np.asarray(_flat_rgb(canvas).convert("L")) < threshold  # (H, W) bool: the strokes
@@ -69,7 +70,7 @@ def scribble(canvas, side: int | None = None, threshold: int = 128) -> Image.Ima
         ink = ~ink
     strokes = Image.fromarray(ink.astype(np.uint8) * 255)
     if side is not None:
-        scale = side / max(1.0, (canvas.width * canvas.height) ** 0.5)
+        scale = side / max(1.0, min(canvas.width, canvas.height))
         size = (max(1, round(canvas.width * scale)), max(1, round(canvas.height * scale)))
         if size != strokes.size:
             strokes = strokes.resize(size, Image.Resampling.BOX).point(lambda v: 255 if v > 16 else 0)

@@ -269,7 +269,7 @@ class LiveApp:
             return gr.skip(), "Upload, paste or pick an image to start.", gr.skip()
         visitor = Visitor.of(request)
         image = await self._read_image(visitor, image)
-        req, shown_control = await self._controlled(_img2img_request(image, prompt, strength, steps, seed), image,
+        req, shown_control = await self.controlled(_img2img_request(image, prompt, strength, steps, seed), image,
                                                     control, control_scale, (edge_low, edge_high))  # fmt: skip
         shown = await self._generate(visitor, "img2img", req)
         return (*shown, shown_control) if shown is not None else (gr.skip(),) * 3
@@ -288,7 +288,7 @@ class LiveApp:
         if not self.pacer.admit(visitor.slot("webcam"), self.frame_interval()):
             return gr.skip(), gr.skip(), gr.skip()
         image = await self._read_image(visitor, image)
-        req, shown_control = await self._controlled(_img2img_request(image, prompt, strength, steps, seed), image,
+        req, shown_control = await self.controlled(_img2img_request(image, prompt, strength, steps, seed), image,
                                                     control, control_scale, (edge_low, edge_high))  # fmt: skip
         # A newer frame replaces the pending one but lets the running one finish: frames faster than a generation
         # would otherwise stop every one of them before its image.
@@ -306,7 +306,7 @@ class LiveApp:
         if isinstance(composite, str):  # a path (called directly, not through the page's editor)
             composite = ImageUpload(composite, None)
         image = await self._read_image(visitor, composite)
-        req, shown_control = await self._controlled(_img2img_request(image, prompt, strength, steps, seed), image,
+        req, shown_control = await self.controlled(_img2img_request(image, prompt, strength, steps, seed), image,
                                                     control, control_scale, (edge_low, edge_high),
                                                     drawing=True)  # fmt: skip
         shown = await self._generate(visitor, "sketch", req)
@@ -316,7 +316,7 @@ class LiveApp:
         """The structure controls the serving model has loaded (its ControlNets)."""
         return list(self.loop.info.get("controls") or [])
 
-    async def _controlled(self, request: Request, source: Image.Image, control, control_scale,
+    async def controlled(self, request: Request, source: Image.Image, control, control_scale,
                           edges: tuple = (CANNY_LOW, CANNY_HIGH),
                           drawing: bool = False) -> tuple[Request, Image.Image | None]:  # fmt: skip
         """The request with its control image made from `source`, and that image (to show); the request as it

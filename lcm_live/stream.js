@@ -36,9 +36,13 @@ function value(selector) {
 }
 
 function params() {
+  const control = find("#cam-control input[type=radio]:checked");
   return { type: "params", prompt: value("#cam-prompt textarea") || "",
     strength: Number(value("#cam-strength input[type=number]")), steps: Number(value("#cam-steps input[type=number]")),
-    seed: Number(value("#cam-seed input")) };
+    seed: Number(value("#cam-seed input")), control: control ? control.value : "off",
+    control_scale: Number(value("#cam-control-scale input[type=number]") ?? 1),
+    edge_low: Number(value("#cam-edges-low input[type=number]") ?? 100),
+    edge_high: Number(value("#cam-edges-high input[type=number]") ?? 200) };
 }
 
 function fallback(reason) {

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import gradio as gr
 from PIL import Image
 
+from .control import CANNY_HIGH, CANNY_LOW
 from .inputs import InputError, clean_prompt, load_image
 from .live import SUPERSEDED
 from .request import GenerationError, Request, hud_line
@@ -80,6 +81,10 @@ class FrameParams:
     strength: float = 0.5
     steps: int = 2
     seed: int = 0
+    control: str = "off"  # a structure control the serving model has (edges, scribble, depth), or off
+    control_scale: float = 1.0
+    edge_low: int = CANNY_LOW
+    edge_high: int = CANNY_HIGH
 
 
 class LiveSockets:
@@ -281,6 +286,11 @@ class Connection:
         request = Request(prompt=params.prompt, image=image, strength=params.strength, steps=params.steps,
                           seed=params.seed)  # fmt: skip
         app = self.hub.app
+        try:  # the control image, as the Gradio stream's handler makes it (off: the request as it is)
+            request, _ = await app.controlled(request, image, params.control, params.control_scale,
+                                               (params.edge_low, params.edge_high))  # fmt: skip
+        except gr.Error as error:
+            return dict(type="error", frame=number, message=str(error.message))
         try:
             # A newer frame replaces the pending one but lets the running one finish (as the Gradio stream does).
             outcome = await app.loop.run(self.slot, request, address=self.address, preempt=False)
@@ -336,7 +346,12 @@ def frame_params(message: dict, current: FrameParams) -> FrameParams:
     changes = {}
     if "prompt" in message:
         changes["prompt"] = clean_prompt(message["prompt"])
-    for name, kind in (("strength", float), ("steps", int), ("seed", int)):
+    if "control" in message:
+        if not isinstance(message["control"], str) or len(message["control"]) > 32:
+            raise ValueError("control must be the name of a control, or off.")
+        changes["control"] = message["control"]
+    for name, kind in (("strength", float), ("steps", int), ("seed", int), ("control_scale", float),
+                       ("edge_low", int), ("edge_high", int)):  # fmt: skip
         if name in message:
             value = message[name]
             if isinstance(value, bool) or not isinstance(value, (int, float, str)):

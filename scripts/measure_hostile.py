@@ -31,6 +31,7 @@ from lcm_live.bench.page_client import QueueSession, error_text, output_file, st
 
 
 MB = 1 << 20
+CONTROL_OFF = ["off", 1.0, 100, 200]  # a live image tab's control, strength and edge thresholds
 
 
 class Server:
@@ -108,7 +109,7 @@ def blobs(url: str, server: Server) -> dict:
 
 def idle_streams(url: str) -> dict:
     attacker = QueueSession(url, address="203.0.113.30")
-    statuses = [attacker.join("live_webcam", [None, "idle", 0.5, 1, 0])[0] for _ in range(80)]
+    statuses = [attacker.join("live_webcam", [None, "idle", 0.5, 1, 0, *CONTROL_OFF])[0] for _ in range(80)]
     time.sleep(2)
     outcome, wait = second_visitor(url)
     attacker.close()

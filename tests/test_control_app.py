@@ -63,9 +63,9 @@ def test_the_pages_edge_thresholds_reach_the_edge_detector():
     faint = Image.new("RGB", (64, 64), (40, 40, 40))
     ImageDraw.Draw(faint).rectangle((16, 16, 47, 47), fill=(70, 70, 70))
     request = Request(prompt="x", image=faint)
-    low, shown = asyncio.run(app._controlled(request, faint, "edges", 1.0, (10, 30)))
+    low, shown = asyncio.run(app.controlled(request, faint, "edges", 1.0, (10, 30)))
     assert low.control == "edges" and low.control_image is shown and np.asarray(shown).any()
-    _, none_found = asyncio.run(app._controlled(request, faint, "edges", 1.0, (300, 600)))
+    _, none_found = asyncio.run(app.controlled(request, faint, "edges", 1.0, (300, 600)))
     assert not np.asarray(none_found).any()
-    unchanged, nothing = asyncio.run(app._controlled(request, faint, "depth", 1.0, (10, 30)))  # not loaded: off
+    unchanged, nothing = asyncio.run(app.controlled(request, faint, "depth", 1.0, (10, 30)))  # not loaded: off
     assert unchanged is request and nothing is None

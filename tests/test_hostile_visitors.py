@@ -25,6 +25,7 @@ from lcm_live.uploads import MAX_LAYERS, SketchBlobs
 
 
 pytestmark = pytest.mark.app
+CONTROL_OFF = ["off", 1.0, 100, 200]  # a live image tab's control, strength and edge thresholds
 
 
 def component_id(url: str, elem_id: str) -> int:
@@ -100,7 +101,7 @@ def test_idle_webcam_streams_cannot_fill_the_queue(live_server):
     held every place for streams, 64 more filled the queue, and everyone else got "Queue is full"."""
     url, app = live_server
     attacker = QueueSession(url, address="198.51.100.30")
-    statuses = [attacker.join("live_webcam", [None, "idle", 0.5, 1, 0])[0] for _ in range(80)]
+    statuses = [attacker.join("live_webcam", [None, "idle", 0.5, 1, 0, *CONTROL_OFF])[0] for _ in range(80)]
     try:
         assert all(status in (200, 429) for status in statuses), statuses
         deadline = time.monotonic() + 30
@@ -145,14 +146,14 @@ def test_sketch_images_go_through_the_apps_checks(live_server):
     tga = encode(Image.new("RGB", (64, 64), "red"), "TGA")
     assert send_blob(url, editor, "tga1", tga, address="198.51.100.40").status_code == 200
     session = QueueSession(url, address="198.51.100.40")
-    refused = session.call("live_sketch", [{"id": "tga1"}, "a sketch", 0.75, 1, 0])
+    refused = session.call("live_sketch", [{"id": "tga1"}, "a sketch", 0.75, 1, 0, *CONTROL_OFF])
     assert "not an image in a supported format" in error_text(refused), error_text(refused)
     png = session.upload("c.png", encode(Image.new("RGB", (64, 64), "white")))
     layers = session.call("live_sketch", [{"background": None, "layers": [png] * (MAX_LAYERS + 1), "composite": png},
-                                          "a sketch", 0.75, 1, 0])  # fmt: skip
+                                          "a sketch", 0.75, 1, 0, *CONTROL_OFF])  # fmt: skip
     assert f"at most {MAX_LAYERS} layers" in error_text(layers), error_text(layers)
     assert send_blob(url, editor, "ok1", encode(Image.new("RGB", (64, 64), "white"))).status_code == 200
-    drawn = session.call("live_sketch", [{"id": "ok1"}, "a sketch", 0.75, 1, 0])
+    drawn = session.call("live_sketch", [{"id": "ok1"}, "a sketch", 0.75, 1, 0, *CONTROL_OFF])
     assert output_file(drawn) is not None, error_text(drawn)
     session.close()
 

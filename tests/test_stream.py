@@ -230,3 +230,32 @@ def test_frame_params_and_origin_checks():
     assert not same_origin({"origin": "http://evil.example", "host": "app.example"})
     assert not same_origin({"host": "app.example"})
     assert not same_origin({"origin": "null", "host": "app.example"})
+
+
+def test_a_socket_frame_takes_the_pages_structure_control(url, live_server):
+    """The Control choice reaches the socket's frames as the Gradio stream's: the control is in the image's
+    parameters; a control the model does not have is off; a bad scale gets a message and the socket lives."""
+    if "scribble" not in live_server[1].controls():
+        pytest.skip("the embedded model ships without its scribble ControlNet")
+    from PIL import ImageDraw
+
+    drawing = Image.new("RGB", (160, 120), "white")
+    ImageDraw.Draw(drawing).rectangle((40, 30, 110, 90), outline="black", width=4)
+    buffer = io.BytesIO()
+    drawing.save(buffer, format="JPEG")
+    outline = buffer.getvalue()
+    with open_socket(url, token_for(url)) as ws:
+        assert receive(ws)["type"] == "ready"
+        ws.send(json.dumps({"type": "params", "prompt": "a red circle", "steps": 2, "control": "scribble",
+                            "control_scale": 1.0}))  # fmt: skip
+        ws.send(outline)
+        header, _ = result(ws)
+        assert header["params"]["control"]["kind"] == "scribble"
+        ws.send(json.dumps({"type": "params", "control": "scribble", "control_scale": 9}))
+        ws.send(outline)
+        refused = receive(ws)
+        assert refused["type"] == "error" and "control" in refused["message"].lower(), refused
+        ws.send(json.dumps({"type": "params", "control": "unknown-kind", "control_scale": 1}))
+        ws.send(jpeg("white"))
+        header, _ = result(ws)
+        assert "control" not in header["params"]

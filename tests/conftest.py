@@ -114,6 +114,17 @@ def browser():
         chromium.close()
 
 
+@pytest.fixture
+def page(browser, live_server):
+    """A Chromium page on the launched app, once its first image (generated on page load) is shown."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.goto(live_server[0])
+    page.wait_for_selector("#t2i-image img", timeout=60_000)
+    yield page
+    context.close()
+
+
 @pytest.fixture(scope="session")
 def artifacts():
     from pathlib import Path

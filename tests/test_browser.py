@@ -11,16 +11,6 @@ from lcm_live.pngmeta import read_params
 pytestmark = pytest.mark.browser
 
 
-@pytest.fixture
-def page(browser, live_server):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    page = context.new_page()
-    page.goto(live_server[0])
-    page.wait_for_selector("#t2i-image img", timeout=60_000)  # the first image, generated on page load
-    yield page
-    context.close()
-
-
 def shown_params(page, image_id: str) -> dict:
     """The generation parameters inside the PNG the page currently shows in `image_id`."""
     src = page.locator(f"#{image_id} img").first.get_attribute("src")

@@ -15,16 +15,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def page(browser, live_server):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    page = context.new_page()
-    page.goto(live_server[0])
-    page.wait_for_selector("#t2i-image img", timeout=60_000)  # the first image, generated on page load
-    yield page
-    context.close()
-
-
 def _shown(page, image_id: str):
     from lcm_live.pngmeta import read_params
 

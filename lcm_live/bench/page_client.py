@@ -27,19 +27,24 @@ def start_app(repo: Path, extra: list[str], env: dict | None = None, timeout: fl
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
     command = [sys.executable, "app.py", "--preset", "demo", "--offline", "--port", str(port), *extra]
     process = subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
+    return process, answering(process, f"http://127.0.0.1:{port}/", f"the app in {repo}", timeout)
+
+
+def answering(process: subprocess.Popen, url: str, what: str, timeout: float) -> str:
+    """`url` once the app `process` serves answers there; SystemExit (and the process killed) if it exits or does
+    not answer in `timeout` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if httpx.get(url + "config", timeout=2).status_code == 200:
-                return process, url
+                return url
         except httpx.HTTPError:
             pass
         if process.poll() is not None:
-            raise SystemExit(f"the app in {repo} exited with {process.returncode}")
-        time.sleep(0.5)
+            raise SystemExit(f"{what} exited with {process.returncode}")
+        time.sleep(0.3)
     process.kill()
-    raise SystemExit(f"the app in {repo} did not answer in {timeout:.0f} s")
+    raise SystemExit(f"{what} did not answer in {timeout:.0f} s")
 
 
 class QueueSession:

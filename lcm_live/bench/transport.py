@@ -106,7 +106,6 @@ def serve(port: int, step_ms: float, size: int, quality: int, host: str | None =
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     """The simulated app in its own process on a free port; (process, url) once it answers."""
-    import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -114,20 +113,10 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "lcm_live.bench", "transport", "--serve", str(port), "--step-ms",
                str(args.step_ms), "--size", str(args.size), "--quality", str(args.quality)]  # fmt: skip
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    from .page_client import answering
+
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "config", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None:
-            raise SystemExit(f"the simulated app exited with {process.returncode}")
-        time.sleep(0.3)
-    process.kill()
-    raise SystemExit("the simulated app did not answer in 120 s")
+    return process, answering(process, f"http://127.0.0.1:{port}/", "the simulated app", 120)
 
 
 class CpuMeter:

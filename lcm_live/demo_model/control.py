@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import world
-from .judge import read
+from .judge import flood, read
 
 
 @dataclass(frozen=True)
@@ -208,18 +208,9 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def filled(strokes: np.ndarray) -> np.ndarray:
     """An outline's filled region: every pixel that the strokes enclose (not reachable from the border), strokes
     included."""
-    outside = np.zeros_like(strokes)
-    outside[[0, -1], :], outside[:, [0, -1]] = ~strokes[[0, -1], :], ~strokes[:, [0, -1]]
-    while True:
-        grown = outside.copy()
-        grown[1:] |= outside[:-1]
-        grown[:-1] |= outside[1:]
-        grown[:, 1:] |= outside[:, :-1]
-        grown[:, :-1] |= outside[:, 1:]
-        grown &= ~strokes
-        if (grown == outside).all():
-            return ~outside
-        outside = grown
+    border = np.zeros_like(strokes)
+    border[[0, -1], :], border[:, [0, -1]] = True, True
+    return ~flood(border, ~strokes)
 
 
 def shape_mask(image, colour: str) -> np.ndarray:

@@ -47,25 +47,31 @@ def read(image) -> dict:
     return seen
 
 
+def flood(seed: np.ndarray, within: np.ndarray) -> np.ndarray:
+    """The pixels of `within` 4-connected to `seed` (both (H, W) bool), by repeated dilation."""
+    region = seed & within
+    while True:
+        grown = region.copy()
+        grown[1:] |= region[:-1]
+        grown[:-1] |= region[1:]
+        grown[:, 1:] |= region[:, :-1]
+        grown[:, :-1] |= region[:, 1:]
+        grown &= within
+        if (grown == region).all():
+            return region
+        region = grown
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected region of a boolean mask (flood fill by repeated dilation)."""
+    """The largest 4-connected region of a boolean mask."""
     best, rest = np.zeros_like(mask), mask.copy()
     for _ in range(4):  # a few seeds are enough: speckles are small
         if rest.sum() <= best.sum():
             break
         ys, xs = np.nonzero(rest)
-        comp = np.zeros_like(mask)
-        comp[ys[len(ys) // 2], xs[len(xs) // 2]] = True
-        while True:
-            grown = comp.copy()
-            grown[1:] |= comp[:-1]
-            grown[:-1] |= comp[1:]
-            grown[:, 1:] |= comp[:, :-1]
-            grown[:, :-1] |= comp[:, 1:]
-            grown &= mask
-            if (grown == comp).all():
-                break
-            comp = grown
+        seed = np.zeros_like(mask)
+        seed[ys[len(ys) // 2], xs[len(xs) // 2]] = True
+        comp = flood(seed, mask)
         if comp.sum() > best.sum():
             best = comp
         rest &= ~comp

@@ -22,6 +22,8 @@ log = logging.getLogger("lcm_live.guard")
 
 API = "/gradio_api"
 SMALL_BODY = 64 * 1024  # an event body below this cannot hold an over-long text value: not parsed here
+LARGE_BODIES = 4  # bodies over SMALL_BODY (or of unknown length) one address may be sending at once
+BODY_METHODS = ("POST", "PUT", "PATCH")
 _CALL = re.compile(rf"^{API}/call/([^/]+)(?:/[^/]*)?/?$")
 _EVENT = re.compile(rf"^{API}/(queue/join|run/[^/]+|api/[^/]+)/?$")  # bodies naming an event: fn_index, data
 MAX_SESSION_CHARS = 64
@@ -94,6 +96,7 @@ class RequestGuard:
         self.app, self.bounds, self.blocks = app, bounds, blocks
         self.quota = UploadQuota(bounds.upload_quota, bounds.upload_window_s)
         self._joining: defaultdict[str, int] = defaultdict(int)  # address -> joins being handled
+        self._large: defaultdict[str, int] = defaultdict(int)  # address -> large bodies being received
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -109,7 +112,12 @@ class RequestGuard:
                     message = {**message, "status": 400}
             await send(message)
 
+        large = None  # the address holding one of its large-body places
         try:
+            # A body up to max_body may be read whole into memory (a JSON event, a sketch blob): an address sends
+            # a few of those at a time, so that many at once cannot add up past the server's memory.
+            if self._is_large(scope):
+                large = self._hold_large(_address(scope))
             receive = await self._admit(scope, receive)
             await self.app(scope, receive, send_checked)
         except Refused as refusal:
@@ -124,10 +132,28 @@ class RequestGuard:
                         type(error).__name__, exc_info=self.bounds.verbose)  # fmt: skip
             await _answer(send, 400, "Malformed request.", scope["path"])
         finally:
+            if large is not None:
+                self._large[large] -= 1
+                if self._large[large] <= 0:
+                    del self._large[large]
             if scope.get("lcm_live_joining"):
                 self._joining[scope["lcm_live_joining"]] -= 1
                 if self._joining[scope["lcm_live_joining"]] <= 0:
                     del self._joining[scope["lcm_live_joining"]]
+
+    @staticmethod
+    def _is_large(scope) -> bool:
+        if scope["method"] not in BODY_METHODS:
+            return False
+        length = _header(scope, b"content-length")
+        return not (length and length.isdigit() and int(length) <= SMALL_BODY)
+
+    def _hold_large(self, address: str) -> str:
+        if self._large[address] >= LARGE_BODIES:
+            raise Refused(429, f"Too many large requests at once from your address (at most {LARGE_BODIES}); "
+                               "wait for one to finish.")  # fmt: skip
+        self._large[address] += 1
+        return address
 
     async def _admit(self, scope, receive):
         """The receive callable the app gets, counting and bounding the body; Refused for what is not admitted."""
@@ -135,7 +161,7 @@ class RequestGuard:
         call = _CALL.match(path)
         if call and self.blocks is not None and call.group(1) not in self._endpoints():
             raise Refused(404, f"There is no endpoint named {call.group(1)[:40]!r}.")
-        if method not in ("POST", "PUT", "PATCH"):
+        if method not in BODY_METHODS:
             return receive
         length = _header(scope, b"content-length")
         declared = int(length) if length and length.isdigit() else None

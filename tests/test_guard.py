@@ -96,3 +96,50 @@ def test_the_guard_counts_files_and_an_address_quota_in_uploads():
     guard = RequestGuard(ok_app, bounds)
     statuses = [run(guard, "POST", "/gradio_api/upload", two, headers)[0] for _ in range(3)]
     assert statuses == [200, 200, 429], statuses  # 400 bytes per window for this address
+
+
+def test_an_address_sends_a_few_large_bodies_at_a_time():
+    """Each body up to max_body may be held whole in memory: a fifth large one at once from one address is refused
+    at once, another address's and a small one are not, and a finished one frees its place."""
+    release = asyncio.Event()
+
+    async def slow_app(scope, receive, send):
+        await receive()
+        await release.wait()
+        await ok_app(scope, _replayed, send)
+
+    async def _replayed():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def request(guard, address, size):
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"x" * size, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/gradio_api/upload", "client": (address, 1),
+                 "headers": [(b"content-length", str(size).encode())]}  # fmt: skip
+        await guard(scope, receive, send)
+        return sent[0]["status"]
+
+    async def scenario():
+        bounds = Bounds(max_body=10**6, max_text_chars=10, upload_quota=10**8, upload_window_s=60, max_files=2,
+                        address_events=2)  # fmt: skip
+        guard = RequestGuard(slow_app, bounds)
+        large = 100 * 1024
+        held = [asyncio.ensure_future(request(guard, "1.1.1.1", large)) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        refused = await asyncio.wait_for(request(guard, "1.1.1.1", large), 5)  # refused at once, not held
+        other = asyncio.ensure_future(request(guard, "2.2.2.2", large))
+        small = asyncio.ensure_future(request(guard, "1.1.1.1", 100))
+        await asyncio.sleep(0.05)
+        release.set()
+        statuses = await asyncio.gather(*held, other, small)
+        again = await request(guard, "1.1.1.1", large)
+        return refused, statuses, again
+
+    refused, statuses, again = asyncio.run(scenario())
+    assert refused == 429 and statuses == [200] * 6 and again == 200

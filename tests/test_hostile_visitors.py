@@ -20,6 +20,7 @@ from PIL import Image
 from test_hardening import MB, PeakRss, rss
 
 from lcm_live.handlers import StreamBook
+from lcm_live.pngmeta import read_params
 from lcm_live.request import MAX_TEXT_CHARS
 from lcm_live.uploads import MAX_LAYERS, SketchBlobs
 
@@ -315,7 +316,10 @@ def test_a_normal_page_visit_still_works_after_all_this(live_server):
     upload = session.upload("blue.png", png)
     result = session.call("img2img", [upload, "fine", 0.5, 1, 0])
     assert output_file(result) is not None, error_text(result)
-    assert Image.open(io.BytesIO(session.fetch(output_file(result)))).size[0] > 0
+    png = session.fetch(output_file(result))
+    params = read_params(png)
+    assert params["mode"] == "img2img" and params["prompt"] == "fine"
+    assert Image.open(io.BytesIO(png)).size == (params["width"], params["height"])
     session.close()
 
 

@@ -172,15 +172,11 @@ class RequestGuard:
             minutes = self.bounds.upload_window_s / 60
             raise Refused(429, f"Your address has uploaded its share ({self.bounds.upload_quota} bytes per "
                                f"{minutes:.0f} minutes); try again later.")  # fmt: skip
-        if path.endswith("/queue/join"):
-            self._check_events(address)
-            scope["lcm_live_joining"] = address
-            self._joining[address] += 1
         counted = self._counting(receive, address if uploading else None, _boundary(scope) if uploading else None)
         json_body = (_header(scope, b"content-type") or "").startswith("application/json")
         event = _EVENT.match(path) is not None
         if json_body and (event or declared is None or declared > SMALL_BODY):
-            return await self._checked_json(counted, event)
+            return await self._checked_json(counted, scope if event else None)
         return counted
 
     def _check_events(self, address: str) -> None:
@@ -220,9 +216,10 @@ class RequestGuard:
 
         return counted
 
-    async def _checked_json(self, receive, event: bool):
-        """Read a JSON body whole (it is within max_body), refuse over-long text values and, for an event, one that
-        names no event of this app or gives it the wrong number of values; replay it."""
+    async def _checked_json(self, receive, event_scope: dict | None):
+        """Read a JSON body whole (it is within max_body), refuse over-long text values and, for an event (its
+        `event_scope`), one that names no event of this app or gives it the wrong number of values, or a join past
+        its address's waiting places; replay it."""
         chunks, more = [], True
         while more:
             message = await receive()
@@ -239,24 +236,38 @@ class RequestGuard:
         if longest:
             raise Refused(413, f"A text value is {longest} characters long; the limit is "
                                f"{self.bounds.max_text_chars}.")  # fmt: skip
-        if event and isinstance(value, dict) and self.blocks is not None:
-            self._check_event(value)
+        if event_scope is not None and isinstance(value, dict) and self.blocks is not None:
+            fn = self._check_event(value)
+            if fn is not None and event_scope["path"].endswith("/queue/join") and self._may_wait(fn):
+                address = _address(event_scope)
+                self._check_events(address)
+                event_scope["lcm_live_joining"] = address  # counted as waiting until the join is answered
+                self._joining[address] += 1
         return _replay([{"type": "http.request", "body": body, "more_body": False}], receive)
 
-    def _check_event(self, body: dict) -> None:
-        """Refused(400) for an event body Gradio would fail on with a 500 and a traceback."""
+    def _may_wait(self, fn) -> bool:
+        """Whether `fn`'s events can wait in Gradio's queue: only those under a concurrency limit do."""
+        limit = fn.concurrency_limit
+        if limit == "default":
+            limit = getattr(getattr(self.blocks, "_queue", None), "default_concurrency_limit", None)
+        return limit is not None
+
+    def _check_event(self, body: dict):
+        """The event an event body names (None: named by api_name); Refused(400) for a body Gradio would fail on
+        with a 500 and a traceback."""
         session = body.get("session_hash")
         if session is not None and (not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_CHARS):
             raise Refused(400, f"session_hash must be text of 1 to {MAX_SESSION_CHARS} characters.")
         index = body.get("fn_index")
         if index is None:
-            return  # named by api_name, or not at all: Gradio answers with a 4xx of its own
+            return None  # named by api_name, or not at all: Gradio answers with a 4xx of its own
         fns = getattr(self.blocks, "fns", {})
         if isinstance(index, bool) or not isinstance(index, int) or index not in fns:
             raise Refused(400, "fn_index names no event of this app.")
         data = body.get("data")
         if not isinstance(data, list) or len(data) != len(fns[index].inputs):
             raise Refused(400, f"This event takes {len(fns[index].inputs)} input values.")
+        return fns[index]
 
     def _endpoints(self) -> set[str]:
         names = set()

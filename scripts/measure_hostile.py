@@ -116,6 +116,21 @@ def idle_streams(url: str) -> dict:
     return dict(joined=statuses.count(200), second=outcome, second_s=wait)
 
 
+def sketch_layer(url: str, server: Server) -> dict:
+    """A sketch event (as an API client sends it) whose one layer is a 79-megapixel RGBA PNG of a few hundred KB."""
+    session = QueueSession(url, address="203.0.113.50")
+    layer = session.upload("layer.png", constant_png(10000, 7900, "RGBA"))
+    small = session.upload("c.png", constant_png(64, 64))
+    inputs = len(next(d for d in httpx.get(url + "config").json()["dependencies"]
+                      if d.get("api_name") == "live_sketch")["inputs"])  # fmt: skip
+    data = [{"background": None, "layers": [layer], "composite": small}, "a sketch", 0.75, 1, 0,
+            *CONTROL_OFF][:inputs]  # fmt: skip
+    base = server.reset_peak()
+    result = session.call("live_sketch", data, timeout=300)
+    session.close()
+    return dict(peak_mb=(server.peak() - base) / MB, image=bool(output_file(result)))
+
+
 def long_prompt(url: str, server: Server) -> dict:
     before = server.rss()
     body = {"data": ["p" * 20_000_000, "", 1, 1.0, 0, 64, 64], "fn_index": fn_index(url, "txt2img"),
@@ -190,7 +205,8 @@ def measure(repo: Path) -> dict:
     try:
         QueueSession(url).call("txt2img", ["warm", "", 1, 1.0, 0, 64, 64])
         return dict(repo=str(repo), long_prompt=long_prompt(url, server), big_pngs=big_pngs(url, server, 16),
-                    blobs=blobs(url, server), idle_streams=idle_streams(url), malformed=malformed(url),
+                    blobs=blobs(url, server), sketch_layer=sketch_layer(url, server), idle_streams=idle_streams(url),
+                    malformed=malformed(url),
                     slowloris=slowloris(url, 200, 12.0), uploads=uploads(url, 150))  # fmt: skip
     finally:
         process.kill()
